@@ -1,0 +1,45 @@
+# One command sets up and runs each job; every target creates the environment it needs.
+#   make train      collect demos (if absent) and train the flagship policy on can
+#   make test       the fast test suite (~10 min on 2 CPU cores)
+#   make test-slow  the slow tests (robosuite training, long rollouts)
+VENV ?= .venv
+PYTHON ?= python3
+# A CPU machine must install this torch first: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: setup system-deps train train-bc test test-slow bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Debian packages: offscreen MuJoCo rendering (videos) and ROS 1 for the real-robot stack.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			libegl1 libgl1 libosmesa6 ffmpeg >/dev/null; \
+	else echo "system-deps: run as root on Debian/Ubuntu, or install libegl1 libgl1 libosmesa6 ffmpeg yourself"; fi
+
+train: setup
+	$(BIN)/robofinetune train bc --task=can
+
+train-bc: setup
+	$(BIN)/robofinetune train bc --task=can
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/bc_can.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,29 @@
+"""Shared by the benchmark scripts: where results go and what each result records beside its figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance(seed: int) -> dict[str, Any]:
+    from robofinetune.runs import git_commit, machine_description
+
+    return {"command": " ".join(["python", *sys.argv]), "seed": seed, "commit": git_commit(),
+            "machine": machine_description(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=2, default=float))
+    os.replace(temporary, path)
+    print(f"wrote {path}")
+    return path

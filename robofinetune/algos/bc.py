@@ -1,0 +1,228 @@
+"""Behaviour cloning of a diffusion or flow policy over action chunks (PyTorch Lightning).
+
+    for each step: draw (observation history, action chunk) windows from the demos
+                   loss = denoising (diffusion) or velocity-matching (flow) error      -> AdamW, cosine lr
+                   EMA of the weights (the EMA weights are what gets exported and evaluated)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from robofinetune.data.chunks import ActionChunkWindows, RandomBatches
+from robofinetune.errors import ConfigError
+from robofinetune.policies import POLICY_TYPES, GenerativePolicy, save_policy
+from robofinetune.runs import Run
+
+
+@dataclass
+class BCConfig:
+    task: str = "can"
+    policy: str = "diffusion"          # diffusion | flow
+    dataset: str = ""                  # default: datasets/<task>_scripted_200.hdf5 (collected if absent)
+    num_demos: int = 0                 # use the first N demos (0 = all)
+    only_success: bool = True          # train on successful demos only
+    seed: int = 0
+    # policy shape
+    n_obs_steps: int = 2
+    horizon: int = 8
+    n_action_steps: int = 4
+    network: str = "mlp"               # mlp (CPU default) | unet
+    hidden_dim: int = 512
+    depth: int = 3
+    unet_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    num_train_timesteps: int = 100     # diffusion only
+    sampler: str = "ddim"              # diffusion only: ddim | ddpm
+    inference_steps: int = 10
+    # optimisation
+    batch_size: int = 256
+    max_steps: int = 20000
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    ema_decay: float = 0.995
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    # scale (Lightning): several GPUs or nodes are a flag
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    # evaluation at the end (0 = skip)
+    eval_episodes: int = 20
+    eval_envs: int = 2
+
+
+class BCModule(L.LightningModule):
+    def __init__(self, policy: GenerativePolicy, config: BCConfig) -> None:
+        super().__init__()
+        self.policy = policy
+        self.ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.bc_config = config
+
+    def training_step(self, batch: tuple[dict[str, torch.Tensor], torch.Tensor], batch_index: int) -> torch.Tensor:
+        obs, actions = batch
+        loss = self.policy.bc_loss(obs, actions)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
+        self.ema.update_parameters(self.policy)
+
+    def configure_optimizers(self):
+        config = self.bc_config
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+
+        def schedule(step: int) -> float:
+            if step < config.warmup_steps:
+                return (step + 1) / config.warmup_steps
+            progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    @property
+    def ema_policy(self) -> GenerativePolicy:
+        return self.ema.module
+
+
+class RunMetrics(L.Callback):
+    """Mirrors the progress-bar metrics to the run's JSONL and exports the EMA policy at every checkpoint."""
+
+    def __init__(self, run: Run, config: BCConfig, metadata: dict[str, Any]) -> None:
+        self.run, self.config, self.metadata = run, config, metadata
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: BCModule, outputs: Any, batch: Any, index: int) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and step % self.config.log_every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self.run.log(step, **{"train/loss": float(loss), "train/lr": trainer.optimizers[0].param_groups[0]["lr"]})
+        if trainer.is_global_zero and step % self.config.checkpoint_every == 0 and step > 0:
+            save_policy(module.ema_policy, self.run.path / "policy", {**self.metadata, "train_steps": step})
+
+
+def default_dataset(task: str) -> Path:
+    from robofinetune.paths import datasets_dir
+
+    return datasets_dir() / f"{task}_scripted_200.hdf5"
+
+
+def ensure_default_dataset(task: str, path: Path) -> None:
+    """Collect the default scripted dataset when it is missing, so a fresh clone can train at once."""
+    if path.exists():
+        return
+    from robofinetune.data.collect import collect_episodes
+    from robofinetune.data.robomimic_io import save_robomimic
+
+    print(f"{path} not found: collecting 200 scripted {task} demos (robofinetune collect --task={task} "
+          f"--source=scripted --episodes=200)")
+    episodes = collect_episodes(task, 200, source="scripted", seed=0)
+    save_robomimic(episodes, path, env_meta={"env_name": task, "task": task})
+
+
+def load_demos(config: BCConfig):
+    from robofinetune.data.io import load_dataset
+    from robofinetune.envs import load_task_spec
+
+    spec = load_task_spec(config.task)
+    path = Path(config.dataset) if config.dataset else default_dataset(config.task)
+    if not config.dataset:
+        ensure_default_dataset(config.task, path)
+    episodes, _ = load_dataset(path, obs_keys=list(spec.obs_keys))
+    if config.only_success:
+        episodes = [episode for episode in episodes if episode.success]
+    if config.num_demos:
+        episodes = episodes[: config.num_demos]
+    return spec, path, episodes
+
+
+def build_policy(config: BCConfig, spec: Any) -> GenerativePolicy:
+    if config.policy not in POLICY_TYPES:
+        raise ConfigError(f"config field 'policy' is '{config.policy}'; choose one of {sorted(POLICY_TYPES)}")
+    policy_class, config_class = POLICY_TYPES[config.policy]
+    policy_kwargs = dict(task=config.task, obs_keys=list(spec.obs_keys),
+                         obs_shapes={key: list(shape) for key, shape in spec.obs_shapes.items()},
+                         action_dim=spec.action_dim, n_obs_steps=config.n_obs_steps, horizon=config.horizon,
+                         n_action_steps=config.n_action_steps, network=config.network, hidden_dim=config.hidden_dim,
+                         depth=config.depth, unet_dims=list(config.unet_dims), inference_steps=config.inference_steps)
+    if config.policy == "diffusion":
+        policy_kwargs.update(num_train_timesteps=config.num_train_timesteps, sampler=config.sampler)
+    return policy_class(config_class(**policy_kwargs))
+
+
+def train_bc(config: BCConfig, run: Run, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, export ``<run>/policy`` (EMA weights), evaluate, and return a summary dict."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    spec, dataset_path, episodes = load_demos(config)
+    windows = ActionChunkWindows(episodes, list(spec.obs_keys), config.n_obs_steps, config.horizon,
+                                 source=str(dataset_path))
+    policy = build_policy(config, spec)
+    policy.set_normalizers(windows.flat_observations(), windows.actions)
+    module = BCModule(policy, config)
+    metadata = {"task": config.task, "dataset": str(dataset_path), "demos": len(episodes), "run": str(run.path),
+                "made_by": f"robofinetune train bc --task={config.task} --policy={config.policy}"}
+    batches_per_epoch = max(1, min(1000, len(windows) // config.batch_size))
+    loader = torch.utils.data.DataLoader(RandomBatches(windows, config.batch_size, batches_per_epoch, config.seed),
+                                         batch_size=None)
+    checkpointing = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.checkpoints, every_n_train_steps=config.checkpoint_every,
+                                                        save_last=True, save_top_k=-1, filename="step{step:06d}",
+                                                        auto_insert_metric_name=False)
+    trainer = L.Trainer(max_steps=config.max_steps, accelerator=config.accelerator, devices=config.devices,
+                        num_nodes=config.num_nodes, logger=L.pytorch.loggers.TensorBoardLogger(run.path, name="tensorboard"),
+                        callbacks=[checkpointing, RunMetrics(run, config, metadata)], enable_progress_bar=progress,
+                        enable_model_summary=False, log_every_n_steps=config.log_every, num_sanity_val_steps=0,
+                        max_epochs=-1, deterministic=False)
+    last = run.checkpoints / "last.ckpt"
+    start = time.time()
+    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    train_seconds = time.time() - start
+    summary: dict[str, Any] = {"task": config.task, "policy": config.policy, "demos": len(episodes),
+                               "train_steps": trainer.global_step, "train_seconds": train_seconds,
+                               "policy_path": str(run.path / "policy")}
+    if not trainer.is_global_zero:
+        return summary
+    final_policy = module.ema_policy.eval()
+    save_policy(final_policy, run.path / "policy", {**metadata, "train_steps": trainer.global_step,
+                                                    "train_seconds": train_seconds})
+    if config.eval_episodes > 0:
+        from robofinetune.eval import evaluate_policy
+
+        result = evaluate_policy(final_policy.cpu(), config.task, episodes=config.eval_episodes,
+                                 num_envs=config.eval_envs, progress=progress)
+        run.write_json("eval.json", result.to_dict())
+        summary.update(success=result.success_rate, success_ci=list(result.success_ci),
+                       eval_episodes=result.episodes, eval_summary=result.summary())
+    run.write_json("summary.json", summary)
+    return summary
+
+
+# The CLI looks for these two names in every training method's module.
+Config = BCConfig
+train = train_bc
+
+
+def export_checkpoint_policy(run_path: str | Path, checkpoint: str | Path, output: str | Path,
+                             metadata: dict[str, Any] | None = None) -> Path:
+    """Export the EMA policy stored in one of a BC run's Lightning checkpoints (e.g. an early one, to make a
+    deliberately weak base or a spread of policies for OPE) as a normal policy folder."""
+    from robofinetune.policies import load_policy
+
+    run_path = Path(run_path)
+    policy = load_policy(run_path / "policy", device="cpu")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    ema_state = {key[len("ema.module."):]: value for key, value in state.items() if key.startswith("ema.module.")}
+    policy.load_state_dict(ema_state)
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
+    return save_policy(policy, output, {**policy.checkpoint_metadata, "train_steps": step,
+                                        "exported_from": str(checkpoint), **(metadata or {})})

@@ -1,0 +1,513 @@
+"""Residual off-policy RL on a frozen base policy (ResFiT, arXiv 2509.19301), from a sparse 0/1 success reward.
+
+    executed action  a = clip(b + r, -1, 1),  b = base action (frozen BC policy, action chunks),
+                                              r = action_scale * tanh(actor(s, b)), last layer zero-initialised
+    RL state         x = (flat task observation s, base action b)   -- b carries the base's chunk context
+    replay           half demos (base actions relabelled by running the base over them), half online
+    critic update    y = n-step reward + g^k * min over a random 2 of 10 target heads of
+                         Q'(x', clip(b' + r'(x') + clipped noise))            (REDQ, target smoothing)
+                     loss = sum over heads of mean (Q_h(x, a) - y)^2, LayerNorm critics, UTD > 1
+    actor update     every 2nd critic update: maximise mean_h Q_h(x, clip(b + r(x))); Polyak 0.005
+    warm-up          first ``warmup_steps`` env steps: base + uniform noise acts, only the critic learns
+
+The networks are sized for a 2-core CPU (see ``ResidualConfig``); the update step is :func:`td3_update`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robofinetune.data.episode import Episode
+from robofinetune.errors import CheckpointError, ConfigError, DatasetError
+from robofinetune.policies import load_policy, register_policy, save_policy
+from robofinetune.policies.base import Policy
+from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
+                             ensemble_min_target, flatten_observation, mlp, polyak_update, sample_symmetric)
+from robofinetune.runs import Run
+
+
+@dataclass
+class ResidualConfig:
+    task: str = "can"
+    base: str = ""                    # base policy folder; default policies/<task>/weak_diffusion
+    dataset: str = ""                 # demos for the offline half; default datasets/<task>_scripted_200.hdf5
+    num_demos: int = 0                # use the first N demos (0 = all)
+    only_success_demos: bool = True
+    seed: int = 0
+    total_env_steps: int = 100_000
+    num_envs: int = 2                 # env processes; the learner overlaps its updates with their stepping
+    # residual actor. ResFiT: action_scale 0.1, exploration std 0.05, zero-initialised last layer.
+    action_scale: float = 0.1
+    actor_hidden_dim: int = 256
+    actor_depth: int = 2
+    actor_lr: float = 1e-4
+    exploration_noise: float = 0.05
+    # critic ensemble. ResFiT: 10 heads of 2 x 1024; on a shared 2-core CPU one such update takes ~0.5 s,
+    # so 10 heads of 2 x 128 (~14 ms of CPU per update at batch 256): same ensemble and REDQ target.
+    num_critics: int = 10
+    critic_subset: int = 2            # REDQ: target = min over a random subset of this many heads
+    critic_hidden_dim: int = 128
+    critic_depth: int = 2
+    critic_lr: float = 3e-4
+    layer_norm: bool = True
+    # TD learning
+    gamma: float = 0.99
+    n_step: int = 3
+    tau: float = 0.005
+    updates_per_step: float = 2.0     # critic updates per env step (UTD); ResFiT 4, halved for the CPU
+    actor_update_every: int = 2       # TD3's delayed actor: one actor update per this many critic updates
+    batch_size: int = 256
+    target_noise: float = 0.05        # target-policy smoothing on the next residual, clipped
+    target_noise_clip: float = 0.1
+    clip_target: bool = True          # reward is 0/1 and success terminates, so Q lies in [0, 1]
+    offline_fraction: float = 0.5     # RLPD symmetric sampling: demos / online
+    buffer_capacity: int = 0          # online transitions kept (0 = total_env_steps, i.e. all)
+    obs_std_floor: float = 0.01       # observation standardisation: std from the demos, floored
+    # warm-up: base + uniform noise acts while only the critic learns
+    warmup_steps: int = 5_000
+    warmup_noise: float = 0.1
+    # evaluation, logging, checkpoints
+    eval_every: int = 10_000
+    eval_episodes: int = 50
+    final_eval_episodes: int = 100
+    eval_envs: int = 2
+    eval_seed: int = 100_000
+    checkpoint_every: int = 5_000     # also saves both replay buffers, so a crash loses at most this many steps
+    log_every: int = 1_000
+    torch_threads: int = 1
+    progress: bool = True
+
+
+# --- the composite policy: frozen base + residual actor ------------------------------------------------------
+
+@dataclass
+class ResidualPolicyConfig:
+    task: str
+    obs_keys: list[str]
+    obs_shapes: dict[str, list[int]]
+    action_dim: int
+    action_scale: float = 0.1
+    hidden_dim: int = 256
+    depth: int = 2
+    layer_norm: bool = True
+    base_kind: str = ""
+
+    @property
+    def obs_dim(self) -> int:
+        return int(sum(int(np.prod(self.obs_shapes[key])) for key in self.obs_keys))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResidualActor(nn.Module):
+    """r = action_scale * tanh(MLP(standardised s, b)); the last layer starts at zero, so r = 0 at step 0 and
+    training starts exactly from the base policy."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int = 256, depth: int = 2, layer_norm: bool = True,
+                 action_scale: float = 0.1) -> None:
+        super().__init__()
+        self.obs_dim, self.action_dim, self.action_scale = obs_dim, action_dim, action_scale
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.net = mlp(obs_dim + action_dim, action_dim, hidden_dim, depth, layer_norm)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def set_observation_statistics(self, observations: np.ndarray, std_floor: float) -> None:
+        self.obs_mean.copy_(torch.as_tensor(observations.mean(axis=0), dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(np.maximum(observations.std(axis=0), std_floor), dtype=torch.float32))
+
+    def normalize(self, rl_obs: torch.Tensor) -> torch.Tensor:
+        """(s, b) -> (standardised s clipped to +-10, b); the critics see the same input."""
+        obs, base_action = rl_obs[..., : self.obs_dim], rl_obs[..., self.obs_dim:]
+        return torch.cat([((obs - self.obs_mean) / self.obs_std).clamp(-10.0, 10.0), base_action], dim=-1)
+
+    def forward(self, rl_obs: torch.Tensor) -> torch.Tensor:
+        return self.action_scale * torch.tanh(self.net(self.normalize(rl_obs)))
+
+
+def compose(base_action: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return (base_action + residual).clamp(-1.0, 1.0)
+
+
+class ResidualPolicy(Policy):
+    """Frozen base policy + residual actor, a policy like any other: ``select_action`` per env step, ``reset``
+    per env. Saved with the base checkpoint inside its folder (``base/``)."""
+
+    kind = "residual"
+    config: ResidualPolicyConfig
+
+    def __init__(self, config: ResidualPolicyConfig, base: Policy | None = None) -> None:
+        super().__init__()
+        if base is None:
+            raise CheckpointError("a residual policy needs its base policy (load it with load_policy)")
+        self.config = config
+        self.base = base
+        self.base.requires_grad_(False)
+        self.actor = ResidualActor(config.obs_dim, config.action_dim, config.hidden_dim, config.depth,
+                                   config.layer_norm, config.action_scale)
+
+    def rl_observation(self, obs: dict[str, np.ndarray], base_action: np.ndarray) -> torch.Tensor:
+        flat = flatten_observation(obs, self.config.obs_keys)
+        return torch.as_tensor(np.concatenate([flat, base_action], axis=1), device=self.device)
+
+    @torch.no_grad()
+    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        base_action = np.asarray(self.base.select_action(obs), np.float32)
+        rl_obs = self.rl_observation(obs, base_action)
+        action = compose(rl_obs[:, -self.config.action_dim:], self.actor(rl_obs))
+        return action.cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The residual corrects one step at a time, so the chunk is one action: the base's first action for
+        this observation history, corrected (B, 1, A). Stateless; ``select_action`` is the way to drive envs."""
+        base_action = np.asarray(self.base.act(obs)[:, 0], np.float32)
+        current = {key: np.asarray(obs[key])[:, -1] for key in self.config.obs_keys}
+        rl_obs = self.rl_observation(current, base_action)
+        return compose(rl_obs[:, -self.config.action_dim:], self.actor(rl_obs)).cpu().numpy()[:, None]
+
+    def reset(self, env_index: int | None = None) -> None:
+        self.base.reset(env_index)
+
+    def save_extra(self, folder: Path) -> None:
+        save_policy(self.base, Path(folder) / "base", getattr(self.base, "checkpoint_metadata", {}))
+
+    @classmethod
+    def load_extra(cls, folder: Path, config: ResidualPolicyConfig) -> "ResidualPolicy":
+        return cls(config, base=load_policy(Path(folder) / "base", device="cpu"))
+
+
+register_policy("residual", ResidualPolicy, ResidualPolicyConfig)
+
+
+# --- learner state and the update step -----------------------------------------------------------------------
+
+class ResidualLearner(nn.Module):
+    """Actor, critic ensemble, their targets and optimisers."""
+
+    def __init__(self, config: ResidualConfig, actor: ResidualActor) -> None:
+        super().__init__()
+        self.config = config
+        self.actor = actor
+        rl_obs_dim = actor.obs_dim + actor.action_dim
+        self.critic = CriticEnsemble(rl_obs_dim, actor.action_dim, config.num_critics, config.critic_hidden_dim,
+                                     config.critic_depth, config.layer_norm)
+        self.actor_target = copy.deepcopy(actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.critic_updates = 0
+        self.actor_updates = 0
+
+    def learner_state(self) -> dict[str, Any]:
+        return {"networks": self.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(), "generator": self.generator.get_state(),
+                "critic_updates": self.critic_updates, "actor_updates": self.actor_updates}
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["networks"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.generator.set_state(state["generator"])
+        self.critic_updates, self.actor_updates = state["critic_updates"], state["actor_updates"]
+
+
+def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
+    """One critic update (and, if ``update_actor``, one actor update) on a batch of n-step transitions whose
+    observations are RL states (s, b) and whose actions are the executed ones."""
+    config, actor, critic = learner.config, learner.actor, learner.critic
+    action_dim = actor.action_dim
+    obs, next_obs = actor.normalize(batch.obs), actor.normalize(batch.next_obs)
+    with torch.no_grad():
+        # target-policy smoothing on the residual; the base action of the next state is part of that state
+        noise = (torch.randn(batch.action.shape, generator=learner.generator) * config.target_noise).clamp(
+            -config.target_noise_clip, config.target_noise_clip)
+        next_action = compose(batch.next_obs[:, -action_dim:], learner.actor_target(batch.next_obs) + noise)
+        next_q = ensemble_min_target(learner.critic_target(next_obs, next_action), config.critic_subset,
+                                     learner.generator)
+        target = batch.reward + batch.discount * next_q
+        if config.clip_target:
+            target = target.clamp(0.0, 1.0)
+    q = critic(obs, batch.action)                                   # (heads, B)
+    critic_loss = (q - target).pow(2).mean(dim=1).sum()
+    learner.critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    learner.critic_optimizer.step()
+    learner.critic_updates += 1
+    stats = {"critic_loss": critic_loss.item() / q.shape[0], "q": q.mean().item(), "target": target.mean().item()}
+    if update_actor:
+        critic.requires_grad_(False)   # the actor's gradient flows through the critic, not into it
+        residual = actor(batch.obs)
+        q_policy = critic(obs, compose(batch.obs[:, -action_dim:], residual)).mean(dim=0)
+        actor_loss = -q_policy.mean()
+        learner.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        learner.actor_optimizer.step()
+        critic.requires_grad_(True)
+        learner.actor_updates += 1
+        polyak_update(learner.actor_target, actor, config.tau)
+        stats.update(actor_loss=actor_loss.item(), residual=residual.abs().mean().item())
+    polyak_update(learner.critic_target, learner.critic, config.tau)
+    return stats
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+def default_base(task: str) -> Path:
+    from robofinetune.paths import policies_dir
+
+    return policies_dir() / task / "weak_diffusion"
+
+
+def load_base(config: ResidualConfig) -> Policy:
+    path = Path(config.base) if config.base else default_base(config.task)
+    if not (path / "policy.json").exists():
+        raise ConfigError(f"base policy '{path}' not found (config field 'base'); train one with "
+                          f"`robofinetune train bc --task={config.task}` and pass --base=<run>/policy")
+    base = load_policy(path, device="cpu", task=config.task)
+    base.requires_grad_(False)
+    return base.eval()
+
+
+def load_demos(config: ResidualConfig, obs_keys: list[str]) -> tuple[Path, list[Episode]]:
+    from robofinetune.algos.bc import default_dataset, ensure_default_dataset
+    from robofinetune.data.io import load_dataset
+
+    path = Path(config.dataset) if config.dataset else default_dataset(config.task)
+    if not config.dataset:
+        ensure_default_dataset(config.task, path)
+    episodes, _ = load_dataset(path, obs_keys=obs_keys)
+    if config.only_success_demos:
+        episodes = [episode for episode in episodes if episode.success]
+    if config.num_demos:
+        episodes = episodes[: config.num_demos]
+    if not episodes:
+        raise DatasetError(f"{path}: no {'successful ' if config.only_success_demos else ''}episodes for the offline half "
+                           f"of the replay buffer (config field 'dataset')")
+    return path, episodes
+
+
+@torch.no_grad()
+def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str], batch: int = 64) -> list[np.ndarray]:
+    """What the base would propose in every state of every demo, (T + 1, A) per episode (row T: the final
+    observation), by running it along each demo from the episode start, chunk queue included, as in a rollout."""
+    labels = []
+    for start in range(0, len(episodes), batch):
+        group = episodes[start: start + batch]
+        base.reset()
+        steps = max(len(episode) for episode in group) + 1
+        out = [np.zeros((len(episode) + 1, base.config.action_dim), np.float32) for episode in group]
+        states = []
+        for episode in group:
+            final = episode.final_observation or {key: episode.observations[key][-1] for key in obs_keys}
+            states.append({key: np.concatenate([episode.observations[key], np.asarray(final[key])[None]])
+                           for key in obs_keys})
+        for t in range(steps):
+            obs = {key: np.stack([state[key][min(t, len(state[key]) - 1)] for state in states]).astype(np.float32)
+                   for key in obs_keys}
+            actions = base.select_action(obs)
+            for row, episode in enumerate(group):
+                if t <= len(episode):
+                    out[row][t] = actions[row]
+        labels.extend(out)
+        base.reset()
+    return labels
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, Any]:
+    """Learn the residual; write ``<run>/policy`` (base + residual), checkpoints, metrics, the success curve
+    and ``eval.json``; return a summary with base and final success."""
+    from robofinetune.envs import load_task_spec, make_vector_env
+
+    if config.num_envs < 1 or config.total_env_steps < 1:
+        raise ConfigError("config fields 'num_envs' and 'total_env_steps' must be >= 1")
+    torch.set_num_threads(max(1, config.torch_threads))
+    _seed_everything(config.seed)
+    spec = load_task_spec(config.task)
+    obs_keys = list(spec.obs_keys)
+    base = load_base(config)
+    if list(base.config.obs_keys) != obs_keys and not set(base.config.obs_keys) <= set(obs_keys):
+        raise CheckpointError(f"base policy observes {base.config.obs_keys}; task '{config.task}' gives {obs_keys}")
+    action_dim = spec.action_dim
+    policy_config = ResidualPolicyConfig(task=config.task, obs_keys=obs_keys,
+                                         obs_shapes={key: list(shape) for key, shape in spec.obs_shapes.items()},
+                                         action_dim=action_dim, action_scale=config.action_scale,
+                                         hidden_dim=config.actor_hidden_dim, depth=config.actor_depth,
+                                         layer_norm=config.layer_norm, base_kind=getattr(base, "kind", ""))
+    # The evaluated policy owns a copy of the base: evaluation resets base state that training rollouts need.
+    policy = ResidualPolicy(policy_config, base=copy.deepcopy(base))
+    learner = ResidualLearner(config, policy.actor)
+    rl_obs_dim = spec.obs_dim + action_dim
+
+    dataset_path, demos = load_demos(config, obs_keys)
+    offline = ReplayBuffer(rl_obs_dim, action_dim, capacity=sum(len(e) for e in demos), seed=config.seed)
+    online = ReplayBuffer(rl_obs_dim, action_dim, capacity=config.buffer_capacity or config.total_env_steps,
+                          seed=config.seed + 1)
+    loop = RunLoop(run, config.total_env_steps, config.task, eval_every=config.eval_every,
+                   eval_episodes=config.eval_episodes, eval_envs=config.eval_envs, eval_seed=config.eval_seed,
+                   checkpoint_every=config.checkpoint_every, progress=config.progress,
+                   description=f"residual {config.task}")
+    noise_rng = np.random.default_rng(config.seed)
+    state = loop.load_checkpoint({"offline": offline, "online": online}) if resume else None
+    if resume and state is None:
+        print(f"{run.path}: no checkpoint yet, starting from the beginning")
+    if state is not None:
+        learner.load_learner_state(state["learner"])
+        torch.set_rng_state(state["torch_rng"])
+        noise_rng.bit_generator.state = state["noise_rng"]
+        online.end_streams()  # envs restart, episodes in flight at the checkpoint are over
+        print(f"resumed at {loop.env_steps} env steps ({len(online)} online transitions)")
+    else:
+        labels = label_base_actions(base, demos, obs_keys)
+        for episode, label in zip(demos, labels):
+            offline.add_episode(episode, obs_keys, extra=label)
+        policy.actor.set_observation_statistics(offline.obs[: len(offline), : spec.obs_dim], config.obs_std_floor)
+        learner.actor_target.load_state_dict(policy.actor.state_dict())
+        # zero-initialised residual: this *is* the base policy's success rate
+        loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
+
+    metadata = {"task": config.task, "base": str(Path(config.base) if config.base else default_base(config.task)),
+                "dataset": str(dataset_path), "run": str(run.path),
+                "made_by": f"robofinetune train residual --task={config.task}"}
+
+    def save_checkpoint() -> None:
+        loop.save_checkpoint({"learner": learner.learner_state(), "torch_rng": torch.get_rng_state(),
+                              "noise_rng": noise_rng.bit_generator.state}, {"offline": offline, "online": online})
+        save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
+
+    envs = make_vector_env(config.task, num_envs=config.num_envs, seed=200_000 + 1_000 * config.seed)
+    rollout = VectorRollout(envs)
+    stats_sum: dict[str, float] = {}
+    stats_count = 0
+    update_debt = 0.0
+    timing = {"update_seconds": 0.0, "updates": 0}
+
+    def run_updates(count: int, train_actor: bool) -> None:
+        nonlocal stats_count
+        start = time.perf_counter()
+        for _ in range(count):
+            batch = sample_symmetric(offline, online, config.batch_size, config.n_step, config.gamma,
+                                     config.offline_fraction).to_torch()
+            update_actor = train_actor and (learner.critic_updates + 1) % config.actor_update_every == 0
+            for key, value in td3_update(learner, batch, update_actor).items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value
+            stats_count += 1
+        timing["update_seconds"] += time.perf_counter() - start
+        timing["updates"] += count
+
+    try:
+        rollout.reset(seed=200_000 + 1_000 * config.seed + loop.env_steps)
+        base.reset()
+        base_action = np.asarray(base.select_action(rollout.obs), np.float32)
+        loop.start()
+        window_start, window_steps = time.time(), 0
+        while not loop.finished:
+            rl_obs = np.concatenate([flatten_observation(rollout.obs, obs_keys), base_action], axis=1)
+            warming_up = loop.env_steps < config.warmup_steps
+            if warming_up:
+                # ResFiT's warm-up: the base acts with small uniform noise while the critic learns
+                residual = noise_rng.uniform(-config.warmup_noise, config.warmup_noise, base_action.shape)
+            else:
+                with torch.no_grad():
+                    residual = policy.actor(torch.as_tensor(rl_obs)).numpy()
+                residual = residual + noise_rng.normal(0.0, config.exploration_noise, residual.shape)
+            action = np.clip(base_action + residual, -1.0, 1.0).astype(np.float32)
+            update_debt += config.updates_per_step * config.num_envs
+            updates_now = int(update_debt)
+            update_debt -= updates_now
+            transitions = rollout.step(action, while_waiting=lambda: run_updates(updates_now, not warming_up))
+
+            # Base action in each next state. Where an episode was cut by the time limit the target bootstraps
+            # from its last state, so ask the base what it would do there (on a copy: its state must not leak
+            # into the next episode). Then reset the base for every env that starts a new episode: a chunked
+            # base must not continue the previous episode's queued actions (ResFiT's public code forgets this).
+            done = transitions.done
+            next_base_action = np.zeros_like(base_action)
+            if transitions.truncated.any():
+                final_actions = copy.deepcopy(base).select_action(transitions.next_obs)
+                next_base_action[transitions.truncated] = final_actions[transitions.truncated]
+            for index in np.flatnonzero(done):
+                base.reset(int(index))
+            base_action = np.asarray(base.select_action(rollout.obs), np.float32)
+            next_base_action[~done] = base_action[~done]
+            next_rl_obs = np.concatenate([flatten_observation(transitions.next_obs, obs_keys), next_base_action], axis=1)
+            online.add_transitions(rl_obs, action, transitions.reward, next_rl_obs, transitions.terminated,
+                                   transitions.truncated, np.arange(config.num_envs))
+
+            loop.record(config.num_envs, transitions.finished)
+            window_steps += config.num_envs
+            if stats_count:
+                loop.show(q=stats_sum["q"] / stats_count, closs=stats_sum["critic_loss"] / stats_count)
+            if loop.due(config.log_every) and stats_count:
+                elapsed = max(time.time() - window_start, 1e-9)
+                metrics = {f"train/{key}": value / stats_count for key, value in stats_sum.items()}
+                metrics.update({"train/success_recent": loop.recent_success_rate if loop.recent_success else 0.0,
+                                "train/episodes": loop.episodes, "perf/env_steps_per_s": window_steps / elapsed,
+                                "perf/updates_per_s": timing["updates"] / max(timing["update_seconds"], 1e-9),
+                                "train/critic_updates": learner.critic_updates})
+                run.log(loop.env_steps, **metrics)
+                stats_sum.clear()
+                stats_count = 0
+                window_start, window_steps = time.time(), 0
+            if loop.due(config.eval_every) and not loop.finished:
+                loop.evaluate(policy)
+            if loop.due(config.checkpoint_every) or loop.finished:
+                save_checkpoint()
+            loop.end_step()
+    finally:
+        loop.close()
+        rollout.close()
+
+    save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
+    final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
+    save_checkpoint()  # the final evaluation point is part of the curve kept in the checkpoint
+    base_point = next((point for point in loop.eval_points if point["label"] == "base"), None)
+    run.write_json("eval.json", {**final.to_dict(), "base": base_point})
+    summary = {
+        "task": config.task,
+        "base_success": base_point["success"] if base_point else None,
+        "base_success_ci": base_point["ci"] if base_point else None,
+        "final_success": final.success_rate, "final_success_ci": list(final.success_ci),
+        "eval_episodes": final.episodes, "env_steps": loop.env_steps,
+        "env_steps_to_90": _steps_reaching(loop, 0.9), "env_steps_to_95": _steps_reaching(loop, 0.95),
+        "episodes": loop.episodes, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates,
+        "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
+        "success_curve": str(run.path / "success_curve.png"),
+    }
+    run.write_json("summary.json", summary)
+    if base_point:
+        low, high = base_point["ci"]
+        print(f"base  success {base_point['success']:.1%} [{low:.1%}, {high:.1%}] over {base_point['episodes']} episodes")
+    print(f"final success {final.success_rate:.1%} [{final.success_ci[0]:.1%}, {final.success_ci[1]:.1%}] over "
+          f"{final.episodes} episodes after {loop.env_steps} env steps")
+    return summary
+
+
+def _steps_reaching(loop: RunLoop, threshold: float) -> int | None:
+    """Env steps at the first periodic or final evaluation at or above ``threshold``."""
+    for point in loop.eval_points:
+        if point["label"] in ("eval", "final") and point["success"] >= threshold:
+            return int(point["env_steps"])
+    return None
+
+
+# The CLI looks for these two names in every training method's module.
+Config = ResidualConfig

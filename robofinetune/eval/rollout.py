@@ -1,0 +1,135 @@
+"""Evaluate a policy: run episodes in parallel env processes, report success with a Wilson interval."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from robofinetune.eval.stats import success_rate_ci
+from robofinetune.policies.base import Policy
+
+
+@dataclass
+class EvalResult:
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    success_ci: tuple[float, float]
+    mean_length: float
+    seconds: float
+    episode_success: list[bool] = field(default_factory=list)
+    episode_length: list[int] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["success_ci"] = list(self.success_ci)
+        return data
+
+    def summary(self) -> str:
+        low, high = self.success_ci
+        return (f"{self.task}: success {self.success_rate:.1%} ({self.successes}/{self.episodes}), "
+                f"95% CI [{low:.1%}, {high:.1%}], mean length {self.mean_length:.1f} steps")
+
+
+def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: int = 2, seed: int = 100_000,
+                    video_dir: str | Path | None = None, video_episodes: int = 3, progress: bool = True,
+                    env_overrides: dict[str, Any] | None = None) -> EvalResult:
+    """Run ``episodes`` episodes split evenly over ``num_envs`` processes (each env gets a fixed quota, so
+    short successful episodes do not crowd out long failures) and return the outcome.
+
+    The default seed is far from the training seeds so eval initial states differ from demo ones.
+    """
+    from robofinetune.envs import make_vector_env
+    from robofinetune.policies.checkpoint import check_policy_matches_env
+
+    start = time.time()
+    num_envs = max(1, min(num_envs, episodes))
+    quotas = [episodes // num_envs + (1 if index < episodes % num_envs else 0) for index in range(num_envs)]
+    envs = make_vector_env(task, num_envs=num_envs, seed=seed, **(env_overrides or {}))
+    try:
+        check_policy_matches_env(policy, envs)
+        results: list[tuple[bool, int]] = []
+        done_counts = [0] * num_envs
+        lengths = np.zeros(num_envs, dtype=int)
+        policy.reset()
+        obs, _ = envs.reset(seed=seed)
+        bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, unit="ep")
+        while len(results) < episodes:
+            with torch.no_grad():
+                actions = policy.select_action(obs)
+            obs, _, terminated, truncated, info = envs.step(actions)
+            lengths += 1
+            for index in np.flatnonzero(terminated | truncated):
+                success = bool(_final_success(info, index))
+                if done_counts[index] < quotas[index]:
+                    results.append((success, int(lengths[index])))
+                    done_counts[index] += 1
+                    bar.update(1)
+                    bar.set_postfix(success=f"{np.mean([r[0] for r in results]):.0%}")
+                lengths[index] = 0
+                policy.reset(int(index))
+        bar.close()
+    finally:
+        envs.close()
+    successes = sum(success for success, _ in results)
+    videos = []
+    if video_dir is not None and video_episodes > 0:
+        videos = record_videos(policy, task, Path(video_dir), video_episodes, seed=seed)
+    return EvalResult(task=task, episodes=len(results), successes=int(successes),
+                      success_rate=successes / max(len(results), 1),
+                      success_ci=success_rate_ci(int(successes), len(results)),
+                      mean_length=float(np.mean([length for _, length in results])) if results else 0.0,
+                      seconds=time.time() - start, episode_success=[s for s, _ in results],
+                      episode_length=[length for _, length in results], videos=[str(v) for v in videos])
+
+
+def _final_success(info: dict[str, Any], index: int) -> bool:
+    """Success of the episode that just ended in env ``index`` (gymnasium SAME_STEP autoreset puts the last
+    step's info under ``final_info``; otherwise it is the step info itself)."""
+    if "final_info" in info and "is_success" in info["final_info"]:
+        return bool(info["final_info"]["is_success"][index])
+    return bool(info["is_success"][index])
+
+
+def record_videos(policy: Policy, task: str, folder: Path, episodes: int, seed: int = 100_000,
+                  fps: int = 20) -> list[Path]:
+    """Roll out ``episodes`` episodes in one rendering env and write each as an mp4 named by its outcome."""
+    import cv2
+
+    from robofinetune.envs import make_env
+
+    folder.mkdir(parents=True, exist_ok=True)
+    env = make_env(task, render=True)
+    paths = []
+    try:
+        for episode in range(episodes):
+            obs, _ = env.reset(seed=seed + episode)
+            policy.reset()
+            frames = [env.render()]
+            success, done = False, False
+            while not done:
+                batched = {key: value[None] for key, value in obs.items()}
+                with torch.no_grad():
+                    action = policy.select_action(batched)[0]
+                obs, _, terminated, truncated, info = env.step(action)
+                frames.append(env.render())
+                success, done = bool(info["is_success"]), terminated or truncated
+            path = folder / f"episode_{episode:03d}_{'success' if success else 'failure'}.mp4"
+            height, width = frames[0].shape[:2]
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            for frame in frames:
+                writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
+            writer.release()
+            paths.append(path)
+    finally:
+        env.close()
+        policy.reset()
+    return paths

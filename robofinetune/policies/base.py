@@ -1,0 +1,184 @@
+"""The Policy interface every stage shares, and the action-chunk bookkeeping every generative policy needs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from robofinetune.errors import TaskError
+from robofinetune.policies.normalizer import MinMaxNormalizer
+
+
+@dataclass
+class PolicyConfig:
+    """What a checkpoint must remember to rebuild its policy and check it against an env."""
+
+    task: str
+    obs_keys: list[str]
+    obs_shapes: dict[str, list[int]]
+    action_dim: int
+    n_obs_steps: int = 2          # observation history the policy conditions on
+    horizon: int = 8              # predicted action chunk length
+    n_action_steps: int = 4       # how many of the predicted actions are executed before re-planning
+    network: str = "mlp"          # "mlp" (residual MLP, CPU default) or "unet" (1-D temporal UNet)
+    hidden_dim: int = 512
+    depth: int = 3
+    unet_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    inference_steps: int = 10     # denoising / Euler steps used by act()
+    chain_min_std: float = 0.1    # std floor of each stochastic chain transition (DPPO's min std)
+
+    @property
+    def obs_dim(self) -> int:
+        return int(sum(int(np.prod(self.obs_shapes[key])) for key in self.obs_keys))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ChainSample(NamedTuple):
+    """Output of :meth:`GenerativePolicy.sample`.
+
+    ``actions`` are in the env's action units, (B, horizon, A). ``chain`` holds every intermediate of the
+    denoising / integration chain in normalised action space, (B, K + 1, horizon, A): ``chain[:, 0]`` is the
+    initial noise and ``chain[:, -1]`` the final (unclipped) normalised action chunk.
+    """
+
+    actions: torch.Tensor
+    chain: torch.Tensor | None
+
+
+class Policy(nn.Module, ABC):
+    """Maps observations to actions. ``select_action`` runs one env step; ``act`` returns a whole chunk.
+
+    Policies keep per-env state (observation history, queued actions), so call ``reset()`` at the start of
+    every episode; with vector envs, ``reset(env_index)`` clears one env's state when it alone restarts.
+    """
+
+    config: PolicyConfig
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @abstractmethod
+    def act(self, obs: dict[str, np.ndarray | torch.Tensor]) -> np.ndarray:
+        """Action chunk to execute, (B, n_action_steps, A), from observation history (B, n_obs_steps, ...)."""
+
+    @abstractmethod
+    def reset(self, env_index: int | None = None) -> None:
+        """Forget history and queued actions (of one env, or of all)."""
+
+    @abstractmethod
+    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """One action per env, (B, A), from the current observation of each env (B, ...)."""
+
+
+class GenerativePolicy(Policy):
+    """A conditional generative model over action chunks with an explicit stochastic denoising chain.
+
+    Subclasses (diffusion, flow) implement ``sample``, ``chain_log_prob`` and ``bc_loss``; this class handles
+    observation normalisation, history stacking and executing chunks step by step.
+    """
+
+    kind: str = "generative"
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
+        self.action_normalizer = MinMaxNormalizer(config.action_dim)
+        self._history: list[deque] = []
+        self._queues: list[deque] = []
+
+    # --- conditioning -------------------------------------------------------------------------------------
+    def check_observation(self, obs: dict[str, Any], has_history: bool) -> None:
+        """Raise TaskError naming the key when ``obs`` does not match this policy's observation layout."""
+        for key in self.config.obs_keys:
+            if key not in obs:
+                raise TaskError(f"policy for task '{self.config.task}' needs observation key '{key}'; "
+                                f"got keys {sorted(obs)}")
+            expected = tuple(self.config.obs_shapes[key])
+            shape = tuple(obs[key].shape[2:] if has_history else obs[key].shape[1:])
+            if shape != expected:
+                raise TaskError(f"observation '{key}' has shape {shape}, policy for task '{self.config.task}' "
+                                f"expects {expected}")
+
+    def encode_observation(self, obs: dict[str, Any]) -> torch.Tensor:
+        """Flattened, normalised observation history (B, n_obs_steps * obs_dim) from (B, n_obs_steps, ...)."""
+        parts = []
+        for key in self.config.obs_keys:
+            value = torch.as_tensor(np.asarray(obs[key]) if not torch.is_tensor(obs[key]) else obs[key],
+                                    dtype=torch.float32, device=self.device)
+            parts.append(value.reshape(value.shape[0], value.shape[1], -1))
+        flat = torch.cat(parts, dim=-1)
+        batch, steps, _ = flat.shape
+        if steps != self.config.n_obs_steps:
+            raise TaskError(f"observation history has {steps} steps, policy expects {self.config.n_obs_steps}")
+        return self.obs_normalizer.normalize(flat).reshape(batch, -1)
+
+    @property
+    def condition_dim(self) -> int:
+        return self.config.n_obs_steps * self.config.obs_dim
+
+    def set_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
+        """Fit normalisers on flat observations (N, obs_dim) and actions (N, A) from the training data."""
+        self.obs_normalizer.load_state_dict(MinMaxNormalizer.from_data(observations).state_dict())
+        self.action_normalizer.load_state_dict(MinMaxNormalizer.from_data(actions).state_dict())
+
+    # --- the generative model (implemented by diffusion and flow) ----------------------------------------
+    @abstractmethod
+    def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
+               return_chain: bool = False, stochastic: bool = False,
+               generator: torch.Generator | None = None) -> ChainSample:
+        """Draw action chunks. ``noise`` fixes the initial latent; ``stochastic`` makes every transition
+        Gaussian with at least ``chain_min_std`` so that ``chain_log_prob`` is a proper density (RL)."""
+
+    @abstractmethod
+    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor) -> torch.Tensor:
+        """Log-density (B, K) of each transition chain[:, k] -> chain[:, k+1] under the stochastic sampler."""
+
+    @abstractmethod
+    def bc_loss(self, obs: dict[str, Any], actions: torch.Tensor) -> torch.Tensor:
+        """Supervised denoising / flow-matching loss on expert chunks (B, horizon, A) in env units."""
+
+    # --- executing chunks -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        chunk = self.sample(obs).actions[:, : self.config.n_action_steps]
+        return chunk.clamp(-1.0, 1.0).cpu().numpy()
+
+    def reset(self, env_index: int | None = None) -> None:
+        if env_index is None:
+            self._history, self._queues = [], []
+        elif env_index < len(self._history):
+            self._history[env_index].clear()
+            self._queues[env_index].clear()
+
+    @torch.no_grad()
+    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        self.check_observation(obs, has_history=False)
+        batch = len(obs[self.config.obs_keys[0]])
+        while len(self._history) < batch:
+            self._history.append(deque(maxlen=self.config.n_obs_steps))
+            self._queues.append(deque())
+        for index in range(batch):
+            frame = {key: np.asarray(obs[key][index], dtype=np.float32) for key in self.config.obs_keys}
+            history = self._history[index]
+            if not history:  # first step of an episode: pad the history with the first observation
+                history.extend([frame] * self.config.n_obs_steps)
+            else:
+                history.append(frame)
+        need = [index for index in range(batch) if not self._queues[index]]
+        if need:
+            stacked = {key: np.stack([np.stack([frame[key] for frame in self._history[index]]) for index in need])
+                       for key in self.config.obs_keys}
+            chunks = self.act(stacked)
+            for row, index in enumerate(need):
+                self._queues[index].extend(chunks[row])
+        return np.stack([self._queues[index].popleft() for index in range(batch)]).astype(np.float32)

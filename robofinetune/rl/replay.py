@@ -1,0 +1,233 @@
+"""Replay buffer with n-step returns, and the symmetric offline/online sampler of RLPD.
+
+Storage is flat numpy arrays, one row per transition (obs, action, reward, next_obs, terminated). Rows of the
+same episode are chained by ``next_index`` (the row of the following step, -1 when there is none yet or the
+episode ended), so transitions from several envs may arrive interleaved, one row per env per step, and
+still be available for n-step sampling at once. The chain stops at an episode's end: at a *terminal* step
+the bootstrap discount is 0; at a *truncated* step (time limit) the return bootstraps from that step's
+``next_obs`` with gamma^k. A chain whose next row has not been added yet gives a shorter return that
+bootstraps from the last row available, which is an equally valid target.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robofinetune.data.episode import Episode
+from robofinetune.errors import DatasetError
+
+
+def flatten_observation(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    """Concatenate the task's observation keys into one float32 vector per row: (B, ...) per key -> (B, D)."""
+    parts = [np.asarray(obs[key], dtype=np.float32).reshape(len(obs[keys[0]]), -1) for key in keys]
+    return np.concatenate(parts, axis=1)
+
+
+@dataclass
+class TransitionBatch:
+    """A sampled batch. ``reward`` is the n-step discounted sum r_t + g r_{t+1} + ... and ``discount`` the
+    factor in front of the bootstrap value at ``next_obs`` (g^k, or 0 when the episode terminated)."""
+
+    obs: Any
+    action: Any
+    reward: Any
+    discount: Any
+    next_obs: Any
+
+    def to_torch(self, device: str | torch.device = "cpu") -> "TransitionBatch":
+        return TransitionBatch(*(torch.as_tensor(getattr(self, f.name), device=device) for f in fields(self)))
+
+    @staticmethod
+    def concatenate(batches: list["TransitionBatch"]) -> "TransitionBatch":
+        return TransitionBatch(*(np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(TransitionBatch)))
+
+    def __len__(self) -> int:
+        return len(self.reward)
+
+
+class ReplayBuffer:
+    """A ring buffer of ``capacity`` transitions of flat observations ``(obs_dim,)`` and actions ``(action_dim,)``.
+
+    ``add_transitions`` takes one row per env (``streams`` says which env, so consecutive steps link up);
+    ``add_episode`` takes a whole :class:`Episode`. ``sample(batch, n_step, gamma)`` returns n-step targets.
+    ``state_dict()`` / ``load_state_dict()`` (and ``save`` / ``load``) restore it exactly, sampler state included.
+    """
+
+    _ARRAYS = ("obs", "action", "reward", "next_obs", "terminated", "next_index", "serial")
+
+    def __init__(self, obs_dim: int, action_dim: int, capacity: int, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.obs_dim, self.action_dim, self.capacity = int(obs_dim), int(action_dim), int(capacity)
+        self.obs = np.zeros((capacity, obs_dim), np.float32)
+        self.action = np.zeros((capacity, action_dim), np.float32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.terminated = np.zeros(capacity, bool)
+        self.next_index = np.full(capacity, -1, np.int64)
+        self.serial = np.full(capacity, -1, np.int64)  # insertion number of the row held in each slot
+        self.added = 0          # transitions ever added (the next row's serial)
+        self.size = 0
+        # stream id -> serial of its last row, while that stream's episode is still running
+        self._open_streams: dict[int, int] = {}
+        self._next_episode_stream = -1  # add_episode uses fresh negative stream ids
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    # --- adding -------------------------------------------------------------------------------------------
+    def add_transitions(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
+                        terminated: np.ndarray, truncated: np.ndarray, streams: np.ndarray | list[int]) -> np.ndarray:
+        """Append rows in order; row i continues the episode last added for ``streams[i]`` unless that one
+        ended (terminated or truncated). Returns the slots written."""
+        obs = np.asarray(obs, np.float32).reshape(-1, self.obs_dim)
+        rows = len(obs)
+        action = np.asarray(action, np.float32).reshape(rows, self.action_dim)
+        next_obs = np.asarray(next_obs, np.float32).reshape(rows, self.obs_dim)
+        reward = np.asarray(reward, np.float32).reshape(rows)
+        terminated = np.asarray(terminated, bool).reshape(rows)
+        truncated = np.asarray(truncated, bool).reshape(rows)
+        streams = np.asarray(streams, np.int64).reshape(rows)
+        serials = self.added + np.arange(rows)
+        slots = serials % self.capacity
+        self.obs[slots], self.action[slots], self.reward[slots] = obs, action, reward
+        self.next_obs[slots], self.terminated[slots] = next_obs, terminated
+        self.next_index[slots] = -1
+        self.serial[slots] = serials
+        for row in range(rows):
+            stream = int(streams[row])
+            previous = self._open_streams.get(stream)
+            # link only if the previous row of this stream is still in the buffer (not overwritten)
+            if previous is not None and self.serial[previous % self.capacity] == previous:
+                self.next_index[previous % self.capacity] = slots[row]
+            if terminated[row] or truncated[row]:
+                self._open_streams.pop(stream, None)
+            else:
+                self._open_streams[stream] = int(serials[row])
+        self.added += rows
+        self.size = min(self.size + rows, self.capacity)
+        return slots
+
+    def end_streams(self) -> None:
+        """Forget running episodes (after a resume, envs restart): later rows start new chains."""
+        self._open_streams.clear()
+
+    def add_episode(self, episode: Episode, obs_keys: list[str], extra: np.ndarray | None = None) -> np.ndarray:
+        """Append a whole episode. ``extra`` (T + 1, E) are per-state features appended to the flat
+        observations (row t to observation t, row T to the final observation), e.g. the action a frozen base
+        policy proposes in each state for residual RL. The episode's end stops its chain."""
+        length = len(episode)
+        if length == 0:
+            return np.zeros(0, np.int64)
+        missing = [key for key in obs_keys if key not in episode.observations]
+        if missing:
+            raise DatasetError(f"episode lacks observation keys {missing}; it has {episode.obs_keys}")
+        obs = flatten_observation(episode.observations, obs_keys)
+        next_obs = flatten_observation(episode.next_observations(), obs_keys)
+        if extra is not None:
+            extra = np.asarray(extra, np.float32)
+            if extra.shape[0] != length + 1:
+                raise ValueError(f"extra must have T + 1 = {length + 1} rows, got {extra.shape[0]}")
+            obs = np.concatenate([obs, extra[:-1]], axis=1)
+            next_obs = np.concatenate([next_obs, extra[1:]], axis=1)
+        truncated = np.zeros(length, bool)
+        truncated[-1] = True  # the episode ends here whether or not it terminated
+        stream = self._next_episode_stream
+        self._next_episode_stream -= 1
+        return self.add_transitions(obs, episode.actions, episode.rewards, next_obs, episode.terminals, truncated,
+                                    np.full(length, stream))
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def sample(self, batch_size: int, n_step: int = 1, gamma: float = 0.99) -> TransitionBatch:
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        return self.gather(self.rng.integers(0, self.size, size=batch_size), n_step, gamma)
+
+    def gather(self, slots: np.ndarray, n_step: int = 1, gamma: float = 0.99) -> TransitionBatch:
+        """n-step transitions starting at ``slots``: reward sums over up to ``n_step`` rows of the same
+        episode, stopping at its end; the bootstrap state is the ``next_obs`` of the last row used."""
+        slots = np.asarray(slots, np.int64)
+        reward = self.reward[slots].astype(np.float32)
+        discount = np.where(self.terminated[slots], 0.0, gamma).astype(np.float32)
+        last = slots.copy()
+        running = ~self.terminated[slots]
+        for _ in range(1, n_step):
+            following = self.next_index[last]
+            running &= following >= 0
+            if not running.any():
+                break
+            rows = following[running]
+            reward[running] += discount[running] * self.reward[rows]
+            last[running] = rows
+            ended = self.terminated[rows]
+            discount[running] = np.where(ended, 0.0, discount[running] * gamma)
+            running[running] = ~ended
+        return TransitionBatch(self.obs[slots], self.action[slots], reward, discount, self.next_obs[last])
+
+    # --- resume ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        used = slice(0, self.size)
+        state: dict[str, Any] = {name: getattr(self, name)[used] for name in self._ARRAYS}
+        state.update(obs_dim=self.obs_dim, action_dim=self.action_dim, capacity=self.capacity, added=self.added,
+                     size=self.size, open_streams=dict(self._open_streams),
+                     next_episode_stream=self._next_episode_stream, rng=self.rng.bit_generator.state)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (int(state["obs_dim"]), int(state["action_dim"]), int(state["capacity"])) != \
+                (self.obs_dim, self.action_dim, self.capacity):
+            raise ValueError(f"replay state is for obs_dim {state['obs_dim']}, action_dim {state['action_dim']}, "
+                             f"capacity {state['capacity']}; this buffer has {self.obs_dim}, {self.action_dim}, "
+                             f"{self.capacity}")
+        self.size, self.added = int(state["size"]), int(state["added"])
+        for name in self._ARRAYS:
+            getattr(self, name)[: self.size] = state[name]
+        self._open_streams = {int(k): int(v) for k, v in dict(state["open_streams"]).items()}
+        self._next_episode_stream = int(state["next_episode_stream"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the buffer to ``path`` (.npz) atomically."""
+        import json
+
+        path = Path(path)
+        state = self.state_dict()
+        arrays = {name: state.pop(name) for name in self._ARRAYS}
+        temporary = path.with_name(path.name + ".tmp.npz")
+        np.savez(temporary, meta=np.array(json.dumps(state)), **arrays)
+        os.replace(temporary, path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        import json
+
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = json.loads(str(data["meta"]))
+                state.update({name: data[name] for name in self._ARRAYS})
+        except (OSError, KeyError, ValueError) as error:
+            raise DatasetError(f"{path}: unreadable replay buffer ({error})") from error
+        self.load_state_dict(state)
+
+
+def sample_symmetric(offline: ReplayBuffer, online: ReplayBuffer, batch_size: int, n_step: int = 1,
+                     gamma: float = 0.99, offline_fraction: float = 0.5) -> TransitionBatch:
+    """RLPD's symmetric sampling: ``offline_fraction`` of the batch from the demos, the rest from online data
+    (all from whichever buffer is non-empty when the other is empty)."""
+    if len(online) == 0:
+        return offline.sample(batch_size, n_step, gamma)
+    if len(offline) == 0:
+        return online.sample(batch_size, n_step, gamma)
+    offline_rows = int(round(batch_size * offline_fraction))
+    parts = [buffer.sample(rows, n_step, gamma)
+             for buffer, rows in ((offline, offline_rows), (online, batch_size - offline_rows)) if rows > 0]
+    return parts[0] if len(parts) == 1 else TransitionBatch.concatenate(parts)

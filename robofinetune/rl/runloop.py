@@ -1,0 +1,229 @@
+"""The bookkeeping every online RL method shares: step and episode counters, a live progress bar, periodic
+evaluation with :func:`robofinetune.eval.evaluate_policy`, the success-vs-env-steps plot, and checkpoints that
+include the replay buffers so ``--resume`` continues exactly where the last checkpoint left off.
+
+    loop = RunLoop(run, total_env_steps=100_000, task="can", eval_every=10_000, checkpoint_every=5_000)
+    state = loop.load_checkpoint({"online": online}) if resume else None   # restores counters and buffers
+    loop.start()
+    while not loop.finished:
+        ...                                     # act, step envs, update
+        loop.record(env_steps=num_envs, outcomes=transitions.finished)
+        loop.show(critic_loss=..., q=...)
+        if loop.due(eval_every): loop.evaluate(policy)
+        if loop.due(checkpoint_every): loop.save_checkpoint(my_state, {"online": online})
+        loop.end_step()
+    loop.close()
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from robofinetune.errors import CheckpointError
+from robofinetune.rl.replay import ReplayBuffer
+from robofinetune.runs import Run
+
+CHECKPOINT_DIR = "latest"
+STATE_FILE = "state.pt"
+
+
+class RunLoop:
+    def __init__(self, run: Run, total_env_steps: int, task: str, eval_every: int = 10_000, eval_episodes: int = 50,
+                 eval_envs: int = 2, eval_seed: int = 100_000, checkpoint_every: int = 5_000,
+                 success_window: int = 50, progress: bool = True, description: str = "train") -> None:
+        self.run, self.task = run, task
+        self.total_env_steps = int(total_env_steps)
+        self.eval_every, self.eval_episodes, self.eval_envs, self.eval_seed = eval_every, eval_episodes, eval_envs, eval_seed
+        self.checkpoint_every = checkpoint_every
+        self.progress, self.description = progress, description
+        self.env_steps = 0
+        self.episodes = 0
+        self.successes = 0
+        self.recent_success: deque[bool] = deque(maxlen=success_window)
+        self.eval_points: list[dict[str, Any]] = []    # every periodic evaluation
+        self.train_points: list[tuple[int, float]] = []  # (env steps, success rate of recent training episodes)
+        self.seconds = 0.0                               # training wall time accumulated over resumes
+        self._previous_steps = 0
+        self._started_at: float | None = None
+        self._bar: tqdm | None = None
+
+    # --- counters -------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.env_steps >= self.total_env_steps
+
+    @property
+    def recent_success_rate(self) -> float:
+        return float(np.mean(self.recent_success)) if self.recent_success else float("nan")
+
+    def start(self) -> None:
+        self._started_at = time.time()
+        self._previous_steps = self.env_steps
+        self._bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc=self.description, unit="step",
+                         disable=not self.progress, dynamic_ncols=True)
+
+    def record(self, env_steps: int, outcomes: list[Any] = ()) -> None:
+        """Count ``env_steps`` new env steps and the episodes (``EpisodeOutcome``) that finished in them."""
+        self.env_steps += int(env_steps)
+        for outcome in outcomes:
+            self.episodes += 1
+            self.successes += int(outcome.success)
+            self.recent_success.append(bool(outcome.success))
+        if outcomes:
+            self.train_points.append((self.env_steps, self.recent_success_rate))
+        if self._bar is not None:
+            self._bar.update(int(env_steps))
+
+    def due(self, every: int) -> bool:
+        """True once each time the env-step counter crosses a multiple of ``every`` during the current step."""
+        return every > 0 and self.env_steps // every > self._previous_steps // every
+
+    def end_step(self) -> None:
+        self._previous_steps = self.env_steps
+
+    def show(self, **stats: float) -> None:
+        """Progress-bar postfix: episodes, recent success, and any ``stats`` (critic loss, Q, ...)."""
+        if self._bar is None:
+            return
+        postfix = {"ep": self.episodes, "succ": f"{self.recent_success_rate:.0%}" if self.recent_success else "-"}
+        postfix.update({key: f"{value:.3g}" for key, value in stats.items()})
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.time() - self._started_at if self._started_at is not None else 0.0)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, policy: Any, episodes: int | None = None, label: str = "eval", seed: int | None = None):
+        """Evaluate ``policy`` (deterministic, in fresh env processes), log ``<label>/success`` and its Wilson
+        interval at the current env step, add the point to the curve and redraw the PNG."""
+        from robofinetune.eval import evaluate_policy
+
+        episodes = episodes or self.eval_episodes
+        if self._bar is not None:
+            self._bar.set_description(f"{self.description} [{label} {episodes} ep]")
+        was_training = policy.training
+        policy.eval()
+        try:
+            result = evaluate_policy(policy, self.task, episodes=episodes, num_envs=self.eval_envs,
+                                     seed=self.eval_seed if seed is None else seed, progress=False)
+        finally:
+            policy.train(was_training)
+            policy.reset()
+        if self._bar is not None:
+            self._bar.set_description(self.description)
+        point = {"env_steps": self.env_steps, "label": label, "success": result.success_rate,
+                 "ci": list(result.success_ci), "episodes": result.episodes, "mean_length": result.mean_length,
+                 "seconds": result.seconds}
+        self.eval_points.append(point)
+        self.run.log(self.env_steps, **{f"{label}/success": result.success_rate, f"{label}/ci_low": result.success_ci[0],
+                                        f"{label}/ci_high": result.success_ci[1], f"{label}/mean_length": result.mean_length})
+        self.write_curve()
+        message = f"[{self.env_steps} env steps] {label}: {result.summary()}"
+        (self._bar.write if self._bar is not None else print)(message)
+        return result
+
+    def first_steps_reaching(self, threshold: float, label: str = "eval") -> int | None:
+        """Env steps at the first evaluation whose success rate is >= ``threshold`` (None if none did)."""
+        for point in self.eval_points:
+            if point["label"] == label and point["success"] >= threshold:
+                return int(point["env_steps"])
+        return None
+
+    def write_curve(self, name: str = "success_curve.png") -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(7, 4))
+        if self.train_points:
+            steps, rates = zip(*self.train_points)
+            axes.plot(steps, rates, color="tab:blue", alpha=0.6, label=f"training episodes (last {self.recent_success.maxlen})")
+        labels = sorted({point["label"] for point in self.eval_points})
+        for color, label in zip(["tab:red", "tab:green", "tab:purple"], labels):
+            points = [point for point in self.eval_points if point["label"] == label]
+            x = [point["env_steps"] for point in points]
+            y = [point["success"] for point in points]
+            error = np.array([[point["success"] - point["ci"][0], point["ci"][1] - point["success"]] for point in points]).T
+            axes.errorbar(x, y, yerr=error, fmt="o-", color=color, capsize=3, label=f"{label} (95% Wilson CI)")
+        axes.set_xlabel("env steps")
+        axes.set_ylabel("success rate")
+        axes.set_ylim(-0.02, 1.02)
+        axes.set_title(f"{self.run.path.name}")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="lower right")
+        figure.tight_layout()
+        path = self.run.path / name
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps, "episodes": self.episodes, "successes": self.successes,
+                "recent_success": list(self.recent_success), "eval_points": self.eval_points,
+                "train_points": self.train_points, "seconds": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.env_steps, self.episodes, self.successes = state["env_steps"], state["episodes"], state["successes"]
+        self.recent_success.clear()
+        self.recent_success.extend(state["recent_success"])
+        self.eval_points = list(state["eval_points"])
+        self.train_points = [tuple(point) for point in state["train_points"]]
+        self.seconds = float(state["seconds"])
+        self._previous_steps = self.env_steps
+
+    def save_checkpoint(self, state: dict[str, Any], buffers: dict[str, ReplayBuffer]) -> Path:
+        """Write ``checkpoints/latest/`` atomically: ``state.pt`` (the caller's ``state`` — networks,
+        optimisers, RNGs — plus this loop's counters) and one ``<name>.npz`` per replay buffer."""
+        folder = self.run.checkpoints / CHECKPOINT_DIR
+        temporary = self.run.checkpoints / f".{CHECKPOINT_DIR}.tmp"
+        old = self.run.checkpoints / f".{CHECKPOINT_DIR}.old"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        torch.save({"loop": self.state_dict(), **state}, temporary / STATE_FILE)
+        for name, buffer in buffers.items():
+            buffer.save(temporary / f"{name}.npz")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(temporary, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def load_checkpoint(self, buffers: dict[str, ReplayBuffer]) -> dict[str, Any] | None:
+        """Restore counters and ``buffers`` from the last checkpoint and return the caller's state (None when
+        the run has no checkpoint yet)."""
+        folder = self.run.checkpoints / CHECKPOINT_DIR
+        if not (folder / STATE_FILE).exists():
+            old = self.run.checkpoints / f".{CHECKPOINT_DIR}.old"  # a crash between the two renames
+            if not (old / STATE_FILE).exists():
+                return None
+            folder = old
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises several types for truncated files
+            raise CheckpointError(f"{folder / STATE_FILE}: unreadable checkpoint ({error})") from error
+        for name, buffer in buffers.items():
+            path = folder / f"{name}.npz"
+            if not path.exists():
+                raise CheckpointError(f"{folder}: checkpoint lacks the replay buffer '{name}.npz'")
+            buffer.load(path)
+        self.load_state_dict(state.pop("loop"))
+        return state
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.seconds = self.elapsed()
+        self._started_at = None
