@@ -19,12 +19,14 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Debian packages: offscreen MuJoCo rendering (videos) and ROS 1 for the real-robot stack.
+# Debian packages: offscreen MuJoCo rendering through EGL on the CPU (videos), ffmpeg, and ROS 1 for the
+# real-robot stack (roscore, rospy and the message packages).
+SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 ffmpeg \
+	ros-core python3-rospy python3-sensor-msgs python3-geometry-msgs python3-std-msgs
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			libegl1 libgl1 libosmesa6 ffmpeg >/dev/null; \
-	else echo "system-deps: run as root on Debian/Ubuntu, or install libegl1 libgl1 libosmesa6 ffmpeg yourself"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "system-deps: run as root on Debian/Ubuntu, or install: $(SYSTEM_PACKAGES)"; fi
 
 train: setup
 	$(BIN)/robofinetune train bc --task=can

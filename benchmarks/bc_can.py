@@ -9,7 +9,9 @@ Writes benchmarks/results/bc_can.json.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,7 +64,7 @@ def main() -> None:
 
     from robofinetune.algos.bc import BCConfig, train_bc
     from robofinetune.config import resolve_config
-    from robofinetune.eval import evaluate_policy
+    from robofinetune.eval import EvalResult, evaluate_policy
     from robofinetune.policies import load_policy
     from robofinetune.runs import Run
 
@@ -83,20 +85,27 @@ def main() -> None:
             summary = train_bc(config, run)
             policy_path, train_seconds = summary["policy_path"], summary["train_seconds"]
             policy = load_policy(policy_path, device="cpu")
-        evaluation = evaluate_policy(policy, args.task, episodes=args.episodes, num_envs=2, seed=100_000)
+        cached = Path(policy_path) / f"eval_{args.task}_{args.episodes}_seed100000.json"
+        if cached.exists():  # the same policy, episodes and seeds were evaluated before: reuse, don't re-spend CPU
+            stored = json.loads(cached.read_text())
+            evaluation = EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
+        else:
+            evaluation = evaluate_policy(policy, args.task, episodes=args.episodes, num_envs=2, seed=100_000)
+            cached.write_text(json.dumps(evaluation.to_dict(), indent=2))
         print(f"{kind}: {evaluation.summary()}")
         entry = {"task": args.task, "policy": kind, "policy_path": str(policy_path), "success": evaluation.success_rate,
                  "success_ci": list(evaluation.success_ci), "eval_episodes": evaluation.episodes,
                  "mean_length": evaluation.mean_length, "train_seconds": train_seconds,
                  "train_steps": policy.checkpoint_metadata.get("train_steps"),
                  "demos": policy.checkpoint_metadata.get("demos")}
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         if kind == "diffusion":
             entry["latency_ms"] = {"ddim_10": measure_latency(policy, kind, 10),
                                    "ddpm_100": measure_latency(policy, kind, 100, sampler="ddpm", repeats=10)}
         else:
             entry["latency_ms"] = {"flow_10": measure_latency(policy, kind, 10)}
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         result["policies"][kind] = entry
         print(f"{kind}: latency {entry['latency_ms']}")
     one, two = env_throughput(args.task, 1), env_throughput(args.task, 2)

@@ -113,14 +113,15 @@ BC_ZOO = [  # name, policy kind, demos, steps: from barely trained to decent
     ("bc_diffusion_d30_s1500", "diffusion", 30, 1500),
     ("bc_flow_d100_s3000", "flow", 100, 3000),
 ]
-PD_ZOO = [  # name, kwargs
+PD_ZOO = [  # name, kwargs (sim success measured at 60 episodes while choosing them: 1.0 ... 0.1)
     ("pd_clean_c4", dict(kp=10.0)),
-    ("pd_noise0.5_c4", dict(kp=10.0, noise=0.5)),
     ("pd_noise1.0_c4", dict(kp=10.0, noise=1.0)),
-    ("pd_weak_c4", dict(kp=1.5)),
-    ("pd_underdamped_c4", dict(kp=10.0, damping=0.3)),
-    ("pd_offset3cm_c4", dict(kp=10.0, offset=0.03)),
-    ("pd_clean_c8", dict(kp=10.0, chunk=8)),
+    ("pd_noise1.5_c4", dict(kp=10.0, noise=1.5)),
+    ("pd_noise3.0_c4", dict(kp=10.0, noise=3.0)),
+    ("pd_kp1.5_c4", dict(kp=1.5)),
+    ("pd_kp0.8_c4", dict(kp=0.8)),
+    ("pd_offset2.2cm_c4", dict(kp=10.0, offset=0.022)),
+    ("pd_hold12_c12", dict(kp=10.0, chunk=12)),
 ]
 
 

@@ -132,7 +132,7 @@ class TwinNode:
             values[key] = np.asarray(self.env.render(), dtype=np.uint8)
         return values
 
-    def publish(self) -> None:
+    def publish(self, with_teleop: bool = True) -> None:
         if self.paused:
             return
         stamp = time.time()
@@ -149,13 +149,16 @@ class TwinNode:
             self.publishers[topic].publish(message)
         if self.success_pub is not None:
             self.success_pub.publish({"data": bool(self.success)})
-        if self.teleop_pub is not None:
+        if self.teleop_pub is not None and with_teleop:
             action = self.expert.act({key: self.obs[key] for key in self.config.task.obs_shapes})
             self.teleop_pub.publish(encode_command(FLOAT64_MULTI_ARRAY, np.asarray(action, dtype=np.float64)))
 
     def reset(self, request_id: str | None, seed: Any) -> None:
         if request_id is not None and request_id == self.last_request:
-            self._reply(request_id, seed)  # a retried request: the first reply may have been lost
+            # a repeated request: a reply or an observation was lost (a subscriber that was still connecting);
+            # publish the same state again, without resetting or stepping
+            self.publish(with_teleop=False)
+            self._reply(request_id, seed)
             return
         obs, _ = self.env.reset(seed=None if seed is None else int(seed))
         if self.expert is not None:
@@ -232,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-teleop", action="store_true", help="publish the scripted expert's actions")
     parser.add_argument("--expert-noise", type=float, help="override twin.expert_noise")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a robot YAML field")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    from robofinetune.robot.cli import parse_set_overrides
+
     # ROS parameters such as __name:=... arrive when started by roslaunch; argparse must not see them
-    node = TwinNode(load_robot_config(args.robot), mode=args.mode, expert_teleop=args.expert_teleop,
+    node = TwinNode(load_robot_config(args.robot, parse_set_overrides(args.set)), mode=args.mode, expert_teleop=args.expert_teleop,
                     expert_noise=args.expert_noise, seed=args.seed, verbose=not args.quiet)
 
     def stop(*_: Any) -> None:

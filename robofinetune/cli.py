@@ -4,6 +4,10 @@
     robofinetune data info PATH | data convert SRC DST
     robofinetune train bc|residual|ogpo --task=can [--key=value ...] [--resume=RUN_DIR]
     robofinetune eval --task=can --policy=PATH --episodes=100 [--video]
+    robofinetune distill --teacher=PATH --task=can
+    robofinetune gate --candidate=A --incumbent=B --data=DATASET
+    robofinetune deploy --robot=real_robot/can_twin.yaml --policy=PATH --episodes=N
+    robofinetune record --robot=real_robot/can_twin.yaml --teleop=keyboard
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ TRAIN_METHODS = {
     "bc": "robofinetune.algos.bc",
     "residual": "robofinetune.algos.residual",
     "ogpo": "robofinetune.algos.ogpo",
+}
+
+
+EXTRA_COMMANDS = {
+    "distill": ("robofinetune.algos.distill", "add_distill_parser", "one-step consistency student of a policy"),
+    "gate": ("robofinetune.algos.ope_cli", "add_gate_parser", "off-policy evaluation gate: promote only with a confident gain"),
+    "deploy": ("robofinetune.robot.cli", "add_deploy_parser", "run a policy on a robot (or its MuJoCo twin) over ROS"),
+    "record": ("robofinetune.robot.cli", "add_record_parser", "record teleoperated episodes into a dataset"),
 }
 
 
@@ -83,7 +95,10 @@ def _command_eval(args: argparse.Namespace) -> int:
     from robofinetune.eval import evaluate_policy
     from robofinetune.policies import load_policy
 
-    policy = load_policy(args.policy, task=args.task if not args.any_task else None)
+    from robofinetune.envs import load_task_spec
+
+    task_name = load_task_spec(args.task).name  # a robot YAML names the sim task it mirrors
+    policy = load_policy(args.policy, task=task_name if not args.any_task else None)
     video_dir = Path(args.output).with_suffix("") if args.output else Path(args.policy) / "videos"
     result = evaluate_policy(policy, args.task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
                              video_dir=video_dir if args.video else None, video_episodes=args.video_episodes)
@@ -98,7 +113,7 @@ def _command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robofinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,15 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--video-episodes", type=int, default=3)
     evaluate.add_argument("--output", help="JSON report path (default: inside the policy folder)")
     evaluate.add_argument("--any-task", action="store_true", help="skip the checkpoint's task-name check")
+
+    # Later stages bring their own sub-commands; each sets `handler` on its parser. Their modules import
+    # Lightning and friends, so only the one being run is imported (the others get a one-line stub for --help).
+    for name, (module_name, function_name, summary) in EXTRA_COMMANDS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module_name), function_name)(commands)
+        else:
+            commands.add_parser(name, help=summary)
     return parser
 
 
+def limit_cpu_threads() -> None:
+    """On a CPU-only machine, give torch half the cores unless OMP_NUM_THREADS says otherwise.
+
+    Env worker processes need the other half; with every core claimed by torch's intra-op pool as well, the
+    pool's threads wait on each other and training ran 10x slower on the 2-core dev machine (measured).
+    """
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    command = next((argument for argument in arguments if not argument.startswith("-")), None)
+    parser = build_parser(command if command in EXTRA_COMMANDS else "")
+    args, extra = parser.parse_known_args(arguments)
+    limit_cpu_threads()
     try:
         if args.command == "train":
             return _command_train(args, extra)
+        if hasattr(args, "handler"):
+            return args.handler(args) if not extra else parser.error(f"unrecognised arguments: {' '.join(extra)}")
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         handler = {"collect": _command_collect, "data": _command_data, "eval": _command_eval}[args.command]

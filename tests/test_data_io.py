@@ -382,12 +382,12 @@ def test_detect_save_load_convert(tmp_path, episodes):
         convert_dataset(h5, h5)
 
 
-def test_lerobot_detected_but_not_yet_supported(tmp_path):
+def test_incomplete_lerobot_dataset_is_detected_and_named(tmp_path):
     root = tmp_path / "lerobot_ds"
     (root / "meta").mkdir(parents=True)
     (root / "meta" / "info.json").write_text(json.dumps({"codebase_version": "v3.0"}))
     assert detect_format(root) == "lerobot"
-    with pytest.raises(DatasetError, match="lerobot_ds: LeRobot datasets are not yet supported"):
+    with pytest.raises(DatasetError, match="lerobot_ds/meta/info.json: missing field 'fps'"):
         load_dataset(root)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from robofinetune.envs import TaskSpec, list_tasks, load_task_spec, make_env, make_vector_env
+from robofinetune.envs import list_tasks, load_task_spec, make_env, make_vector_env
 from robofinetune.errors import TaskError
 from robofinetune.paths import task_specs_dir
 
@@ -269,6 +269,23 @@ def test_vector_env_autoresets_in_the_same_step():
     assert not np.allclose(obs["goal_pos"], first_goals)
     np.testing.assert_array_equal(info["final_obs"][0]["goal_pos"], first_goals[0])
     venv.close()
+
+
+@pytest.mark.skipif(not _rendering_available(), reason="no offscreen OpenGL (set MUJOCO_GL=egl or osmesa)")
+def test_async_vector_env_renders_even_after_the_parent_rendered():
+    """A GL context in the parent must not hang the workers (EGL does in forked children)."""
+    parent = make_env("pointmass", render=True, render_size=(32, 32))
+    parent.reset()
+    parent.render()
+    venv = make_vector_env("pointmass", num_envs=2, seed=0, render=True, render_size=(48, 40))
+    try:
+        venv.reset()
+        frames = venv.call("render")
+        assert [frame.shape for frame in frames] == [(48, 40, 3), (48, 40, 3)]
+        assert parent.render().shape == (32, 32, 3)
+    finally:
+        venv.close()
+        parent.close()
 
 
 def test_vector_env_rejects_zero_envs():

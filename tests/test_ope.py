@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from robofinetune.algos.ope import (PROMOTE, REJECT, GateConfig, GateResult, build_chunk_windows,
+from robofinetune.algos.ope import (PROMOTE, REJECT, CheckpointGate, GateConfig, GateResult, build_chunk_windows,
                                     check_logged_data, decide, estimate_policy_value, gate_check, gate_passed,
                                     gate_policies, head_interval, policy_fingerprint)
 from robofinetune.data.episode import Episode
@@ -182,6 +182,32 @@ def test_gate_rejects_an_equal_candidate_and_promotes_a_better_one():
     assert decisions["equal>good"].count(REJECT) >= 3
     assert decisions["good>slow"].count(PROMOTE) >= 3
     assert decisions["slow>good"].count(PROMOTE) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action_of_state,chunk", [(GOOD, 1), (SLOW, 2)])
+def test_bootstrap_coverage_over_many_draws(action_of_state, chunk):
+    truth = true_chunk_value(action_of_state, chunk)
+    hits = {0.9: 0, 0.95: 0}
+    draws = 40
+    for draw in range(draws):
+        estimate = estimate_policy_value(ChainPolicy(action_of_state, chunk), chain_episodes(60, seed=1000 + draw),
+                                         GateConfig(**{**FAST_CONFIG, "heads": 16, "seed": draw}))
+        for level in hits:
+            low, high = estimate.interval(level)
+            hits[level] += low <= truth <= high
+    assert 0.75 <= hits[0.9] / draws <= 1.0 and 0.8 <= hits[0.95] / draws <= 1.0, hits
+
+
+def test_checkpoint_gate_keeps_the_best_and_pays_for_the_incumbent_once():
+    episodes = chain_episodes(80, seed=11)
+    gate = CheckpointGate(episodes, ChainPolicy(SLOW), GateConfig(**FAST_CONFIG), data="chain", incumbent_name="base")
+    worse = gate.consider(ChainPolicy(np.array([0.5, -0.5, -0.5, 0.5, 0.5, 0.5])), name="step 1")
+    assert worse.decision == REJECT and gate.incumbent_name == "base"
+    better = gate.consider(ChainPolicy(GOOD), name="step 2")
+    assert better.decision == PROMOTE and better.incumbent == "base" and gate.incumbent_name == "step 2"
+    assert gate.consider(ChainPolicy(GOOD), name="step 3").decision == REJECT  # a tie with the new best
+    assert [r.candidate for r in gate.history] == ["step 1", "step 2", "step 3"]
 
 
 def test_identical_policies_tie_exactly_and_are_rejected():

@@ -12,8 +12,17 @@
                target = "endpoint":  target_k = the teacher's chunk (the exact consistency target: every point
                                      of one ODE trajectory maps to the trajectory's end)
                target = "bootstrap": target_k = f_ema(x_{t_{k+1}}, t_{k+1}) (classic consistency distillation
-                                     with an EMA target network; the last point's target is the chunk)
+                                     with an EMA target network; the last point's target is the chunk).
+                                     Measured on pointmass (500 steps, held-out states): one-step MSE to the
+                                     teacher 0.085 and flat, vs 0.009 for "endpoint", which is the default
                -> AdamW, cosine lr, EMA of the student (the EMA weights are exported)
+
+Teachers: any diffusion or flow policy (BC or OGPO/DPPO-fine-tuned: same kinds), and composites whose ``base``
+is one (the residual policy). A diffusion teacher set to sample with DDPM is distilled along its DDIM
+(probability-flow) ODE: same model, deterministic solver. A composite's act() returns as many actions as it
+executes per plan (1 for the residual policy, which corrects every step); the student copies that chunking,
+so it replans at every env step (still one network call per step, against the composite's DDIM-10 per chunk
+plus its actor per step).
 
 ``robofinetune distill --teacher=PATH --task=can [--steps=1|2|4] [--key=value ...] [--resume=RUN]``.
 """
@@ -33,7 +42,7 @@ from typing import Any, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from robofinetune.data.chunks import ActionChunkWindows
@@ -70,7 +79,7 @@ class DistillConfig:
     # optimisation
     batch_size: int = 128              # states per batch; the student sees batch_size x points inputs
     max_steps: int = 3000
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3        # the student regresses fixed targets: higher than BC's 1e-4 works
     weight_decay: float = 1e-6
     warmup_steps: int = 100
     ema_decay: float = 0.995
@@ -83,6 +92,7 @@ class DistillConfig:
     # evaluation of the student at the end (0 = skip)
     eval_episodes: int = 20
     eval_envs: int = 2
+    torch_threads: int = 0             # 0 = torch's default; 1 on a CPU shared with env processes
 
 
 # --- the teacher: its generative core, its ODE trajectories and the chunks it executes -------------------------
@@ -191,6 +201,11 @@ def build_student(teacher: Policy, config: DistillConfig, probe_obs: dict[str, A
     student.action_normalizer.load_state_dict(base.action_normalizer.state_dict())
     if config.init_from_teacher:
         student.denoiser.load_state_dict(base.denoiser.state_dict())
+        if ode == "diffusion" and student_config.prediction == "sample":
+            # the output now means "chunk", not "noise": keep the teacher's features, start the head at zero
+            head = [m for m in student.denoiser.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))][-1]
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
     return student
 
 
@@ -326,14 +341,25 @@ def distillation_loss(student: ConsistencyPolicy, target_student: ConsistencyPol
                 ahead = target_student.consistency_function(
                     chain[:, nexts].reshape(batch * len(following), *chain.shape[2:]), grid[nexts].repeat(batch),
                     condition.repeat_interleave(len(following), dim=0))
-                targets[:, rows] = target_student._clip(ahead).reshape(batch, len(following), *chain.shape[2:])
+                targets[:, rows] = target_student.clip_chunk(ahead).reshape(batch, len(following), *chain.shape[2:])
     per_point = (predicted - targets).pow(2).mean(dim=(0, 2, 3))         # (count,)
     weights = torch.ones(count, device=condition.device)
     weights[0] = config.one_step_weight
     loss = (weights * per_point).sum() / weights.sum()
     with torch.no_grad():
-        one_step_error = (student._clip(predicted[:, 0]) - chunk).pow(2).mean()
+        one_step_error = (student.clip_chunk(predicted[:, 0]) - chunk).pow(2).mean()
     return loss, {"one_step_mse": float(one_step_error)}
+
+
+def ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as (1 + n) / (10 + n) to ``decay``: a short distillation (a few hundred steps)
+    otherwise exports weights still dominated by the initial ones."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return rate * averaged + (1.0 - rate) * current
+
+    return average
 
 
 class DistillModule(L.LightningModule):
@@ -342,7 +368,7 @@ class DistillModule(L.LightningModule):
         self.student = student
         self.teacher = teacher.requires_grad_(False)   # a submodule so Lightning moves it to the device
         self.teacher_targets = TeacherTargets(teacher, solver_steps)
-        self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.ema = AveragedModel(student, avg_fn=ema_with_warmup(config.ema_decay), use_buffers=True)
         self.distill_config = config
 
     def train(self, mode: bool = True) -> "DistillModule":
@@ -412,6 +438,8 @@ def _check_config(config: DistillConfig) -> None:
 def train_distill(config: DistillConfig, run: Run, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Distil, export ``<run>/policy`` (EMA student), evaluate it, and return a summary dict."""
     _check_config(config)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     teacher = load_policy(config.teacher, device="cpu", task=config.task or None)
     config.task = config.task or teacher.config.task

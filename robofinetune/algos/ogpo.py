@@ -11,8 +11,9 @@ The policy acts in action chunks, so RL runs at the chunk level (a semi-MDP):
                  reward R = sum_i gamma^i r_i over those steps, bootstrap discount gamma^k (0 on success).
 
 The denoising chain a_K -> ... -> a_0 is a K-step MDP inside every env step; ``chain_log_prob`` gives each
-transition's Gaussian log-density (DDIM/DDPM transitions with a std floor for diffusion, as in DPPO;
-noise-injected Euler steps for flow, as in ReinFlow and OGPO).
+transition's Gaussian log-density: for diffusion a DDIM step plus Gaussian noise of std >= chain_min_std (DPPO's
+stochastic DDIM; eta = ``chain_eta``, 0 by default so that the deterministic DDIM that act() deploys is the
+mean path of the trained chain), for flow a noise-injected Euler step (as in ReinFlow and OGPO).
 
 OGPO (mode "ogpo")
     critic    Q ensemble (shared ``robofinetune.rl.CriticEnsemble``) trained by TD on the replay buffer
@@ -37,7 +38,6 @@ The update steps are :func:`critic_update`, :func:`ogpo_actor_update` and :func:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +97,10 @@ class OGPOConfig:
     # a CPU. act() (eval, deploy) is switched to the same K, so the trained chain is the deployed chain.
     chain_steps: int = 0               # 0 = the base's inference_steps
     chain_std: float = 0.0             # per-transition std floor; 0 = the checkpoint's chain_min_std
+    # Diffusion: DDIM eta of the trained chain. act() (eval, deploy) runs DDIM with eta 0, so with eta 0 every
+    # trained transition is N(deployed DDIM step, chain_std^2) and the deployed sampler is exactly the mean path
+    # of the trained chain (as for flow). With DPPO's eta 1 the deployed sampler drifts from what PPO shaped.
+    chain_eta: float = 0.0
     # --- OGPO actor: PPO over the whole chain, Q(s, a0) as terminal reward ----------------------------------
     # OGPO's Square preset: group 32, clip 0.01, lr 4.5e-5. Group 8 x 32 states = 256 chains per round keeps a
     # round at ~0.1-0.5 s of one core; the group mean of 8 samples is a baseline of adequate variance here
@@ -110,6 +114,7 @@ class OGPOConfig:
     clip_ratio: float = 0.01
     denoising_discount: float = 1.0    # terminal reward only: every chain transition gets the same advantage
     conservative_advantage: bool = True
+    pg_coef: float = 1.0               # weight of the PPO term (0 = the BC-only ablation)
     max_log_ratio: float = 5.0         # log-ratio clamp before exp (the ratio is clipped anyway)
     max_grad_norm: float = 1.0
     bc_coef: float = 0.1               # weight of the BC loss on the success-only buffer
@@ -128,7 +133,9 @@ class OGPOConfig:
     tau: float = 0.005
     critic_updates_per_step: float = 0.5   # per env step, i.e. n_action_steps * this per chunk transition
     critic_batch_size: int = 256
-    next_action_samples: int = 4       # Q-variance reduction: TD target averaged over this many a' ~ pi(s')
+    # Q-variance reduction: the TD target is averaged over this many a' ~ pi(s'). Each costs critic_batch_size
+    # more K-step chains per TD update, the largest CPU cost of OGPO, hence 2.
+    next_action_samples: int = 2
     offline_fraction: float = 0.5      # share of demo chunks in critic batches and actor states
     buffer_capacity: int = 0           # online chunk transitions kept (0 = all)
     clip_target: bool = True           # sparse 0/1 reward with success terminating: Q lies in [0, 1]
@@ -499,7 +506,8 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
 
     The chains, their old log-probs and their advantages are computed once, with the policy as it is now
     (the frozen "old" policy of this round); then ``actor_epochs`` passes of PPO minibatch steps move it.
-    Chains with zero advantage (the heads disagree) add nothing to the PPO gradient and are skipped.
+    Chains with zero advantage (the heads disagree) add nothing to the PPO gradient and are skipped (the loss
+    stays the mean over all chains).
     """
     config, policy = learner.config, learner.policy
     group, n_act = config.group_size, policy.config.n_action_steps
@@ -510,7 +518,7 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
         q_heads = learner.critic(critic_observation(group_states, policy), executed_chunk(chains[:, -1], n_act))
         head_advantages = group_relative(q_heads, group)
         advantage = conservative_advantage(head_advantages) if config.conservative_advantage else head_advantages.mean(0)
-    active = torch.nonzero(advantage != 0).squeeze(1)
+    active = torch.nonzero(advantage != 0).squeeze(1) if config.pg_coef > 0 else advantage.new_zeros(0, dtype=torch.long)
     stats = {"adv_abs": advantage.abs().mean().item(), "adv_active": active.numel() / max(advantage.numel(), 1),
              "q_group_std": q_heads.mean(0).reshape(-1, group).std(dim=1).mean().item()}
     sums: dict[str, float] = {}
@@ -525,7 +533,9 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
                 new_log_prob = policy.chain_log_prob(unflatten_history(group_states[rows], policy), chains[rows])
                 pg_loss, ppo_stats = ppo_chain_loss(new_log_prob, old_log_prob[rows], advantage[rows], config.clip_ratio,
                                                     config.denoising_discount, config.max_log_ratio)
-                loss = loss + pg_loss
+                # The objective is the mean over *all* chains, zero-advantage ones included: scaling each
+                # minibatch of active chains by the active share keeps PPO's weight against BC as in OGPO.
+                loss = loss + config.pg_coef * pg_loss * (active.numel() / advantage.numel())
                 for key, value in ppo_stats.items():
                     sums[key] = sums.get(key, 0.0) + value
                 sums["pg_loss"] = sums.get("pg_loss", 0.0) + pg_loss.item()
@@ -720,6 +730,8 @@ def prepare_policy(config: OGPOConfig) -> tuple[GenerativePolicy, int]:
         policy.config.sampler = "ddim"               # diffusion: deterministic DDIM-K, the mean of the trained chain
     if config.chain_std > 0:
         policy.config.chain_min_std = config.chain_std
+    if hasattr(policy.config, "chain_eta"):
+        policy.config.chain_eta = config.chain_eta
     policy.requires_grad_(True)
     return policy.train(), chain_steps
 

@@ -242,8 +242,7 @@ def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: in
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        for sample in range(samples):
-            policy.reset()
+        for sample in range(samples):  # act() is stateless; reset() is not called, so a running rollout is undisturbed
             for start in range(0, count, batch):
                 obs = {key: histories[key][start: start + batch] for key in keys}
                 chunk = np.asarray(policy.act(obs), dtype=np.float32)
@@ -251,7 +250,6 @@ def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: in
                     raise CheckpointError(f"policy for task '{policy.config.task}': act() returned shape "
                                           f"{chunk.shape}, expected (batch, >= {chunk_steps}, action_dim)")
                 out[start: start + len(chunk), sample] = chunk[:, :chunk_steps].reshape(len(chunk), -1)
-    policy.reset()
     policy.train(was_training)
     return out
 

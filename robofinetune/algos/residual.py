@@ -10,7 +10,18 @@
     actor update     every 2nd critic update: maximise mean_h Q_h(x, clip(b + r(x))); Polyak 0.005
     warm-up          first ``warmup_steps`` env steps: base + uniform noise acts, only the critic learns
 
-The networks are sized for a 2-core CPU (see ``ResidualConfig``); the update step is :func:`td3_update`.
+The update step is :func:`td3_update`; the loop is :func:`train`.
+
+Choices, and why:
+- RL state (s, b), not an observation history: the base conditions on 2 frames and executes 4-action chunks,
+  so s alone does not say what it will do next; b does. The residual only needs to know what it corrects,
+  and the critic needs b to value one state under different base chunks (ResFiT does the same).
+- Base state: reset for each env at its episode start, and at a time-limit cut the base action of the last
+  state is asked of a copy of the base, so the n-step target bootstraps from the right (s, b).
+- Demo transitions get b by running the base along each demo from its start, as in a rollout.
+- Sizes for a shared 2-core CPU (``benchmarks/residual_throughput.py``): ResFiT's 10 heads of 2 x 1024 cost
+  ~0.5 s per update here (days for 100k steps at UTD 4); 10 heads of 2 x 128 keep the REDQ ensemble at ~15 ms.
+  UTD 2 instead of 4, and the learner updates while the env processes simulate (``VectorRollout.step``).
 """
 
 from __future__ import annotations
@@ -488,6 +499,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "final_success": final.success_rate, "final_success_ci": list(final.success_ci),
         "eval_episodes": final.episodes, "env_steps": loop.env_steps,
         "env_steps_to_90": _steps_reaching(loop, 0.9), "env_steps_to_95": _steps_reaching(loop, 0.95),
+        "train_steps_to_90": _train_steps_reaching(loop, 0.9), "train_steps_to_95": _train_steps_reaching(loop, 0.95),
+        "train_success_last": loop.recent_success_rate if loop.recent_success else None,
         "episodes": loop.episodes, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates,
         "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
         "success_curve": str(run.path / "success_curve.png"),
@@ -506,6 +519,16 @@ def _steps_reaching(loop: RunLoop, threshold: float) -> int | None:
     for point in loop.eval_points:
         if point["label"] in ("eval", "final") and point["success"] >= threshold:
             return int(point["env_steps"])
+    return None
+
+
+def _train_steps_reaching(loop: RunLoop, threshold: float) -> int | None:
+    """Env steps at which the success rate of the last (full window of) training episodes, exploration
+    noise included, first reached ``threshold``: a finer-grained, noisier companion of the evaluations."""
+    window = loop.recent_success.maxlen or 0
+    for steps, rate, episodes in loop.train_points:
+        if episodes >= window and rate >= threshold:
+            return int(steps)
     return None
 
 

@@ -161,7 +161,10 @@ def dataset_info(path: str | os.PathLike, obs_keys: list[str] | None = None) -> 
     elif fmt == "robosuite_demo":
         info = _robosuite_demo_info(path)
     else:
-        raise DatasetError(f"{path}: LeRobot datasets are not yet supported by this version")
+        from robofinetune.data.lerobot_io import iter_lerobot, read_lerobot_env_meta
+
+        info = _summarize(iter_lerobot(path, obs_keys), str(path))
+        info["env_meta"] = read_lerobot_env_meta(path)
     return {"path": str(path), "format": fmt, **info}
 
 

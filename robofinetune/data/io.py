@@ -16,6 +16,7 @@ Format = Literal["robomimic", "zarr", "robosuite_demo", "lerobot"]
 FORMATS: tuple[str, ...] = ("robomimic", "zarr", "robosuite_demo", "lerobot")
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
 ZARR_SUFFIXES = (".zarr", ".zarr.zip")
+LEROBOT_SUFFIXES = (".lerobot", "_lerobot")  # a folder; detect_format also recognises one by meta/info.json
 
 
 def _is_zarr_folder(path: Path) -> bool:
@@ -84,13 +85,12 @@ def format_from_suffix(path: str | os.PathLike) -> Format:
         return "robomimic"
     if name.endswith(ZARR_SUFFIXES):
         return "zarr"
+    if name.endswith(LEROBOT_SUFFIXES) or (Path(path) / "meta" / "info.json").is_file():
+        return "lerobot"
     raise DatasetError(
-        f"{path}: cannot tell the format from the name; use .hdf5/.h5 (robomimic) or .zarr/.zarr.zip (zarr)"
+        f"{path}: cannot tell the format from the name; use .hdf5/.h5 (robomimic), .zarr/.zarr.zip (zarr) or a "
+        f"folder named *_lerobot / *.lerobot (LeRobot v3)"
     )
-
-
-def _lerobot_unsupported(path: Path) -> DatasetError:
-    return DatasetError(f"{path}: LeRobot datasets are not yet supported by this version")
 
 
 def task_from_env_meta(env_meta: dict | None) -> str | None:
@@ -120,14 +120,16 @@ def load_dataset(
         from robofinetune.data.robosuite_import import load_robosuite_demo
 
         return load_robosuite_demo(path, task=task, obs_keys=obs_keys)
-    raise _lerobot_unsupported(path)
+    from robofinetune.data.lerobot_io import load_lerobot
+
+    return load_lerobot(path, obs_keys=obs_keys)
 
 
 def save_dataset(
     episodes: list[Episode], path: str | os.PathLike, env_meta: dict | None = None, format: str | None = None
 ) -> Path:
     """Write episodes atomically; the format comes from ``format`` or the suffix (.hdf5/.h5 -> robomimic,
-    .zarr/.zarr.zip -> zarr)."""
+    .zarr/.zarr.zip -> zarr, a folder named *_lerobot / *.lerobot -> LeRobot v3)."""
     path = Path(path)
     fmt = format or format_from_suffix(path)
     if fmt == "robomimic":
@@ -139,8 +141,10 @@ def save_dataset(
 
         return save_zarr(episodes, path, env_meta=env_meta)
     if fmt == "lerobot":
-        raise _lerobot_unsupported(path)
-    raise DatasetError(f"{path}: cannot write format {fmt!r}; writable formats: robomimic, zarr")
+        from robofinetune.data.lerobot_io import save_lerobot
+
+        return save_lerobot(episodes, path, env_meta=env_meta)
+    raise DatasetError(f"{path}: cannot write format {fmt!r}; writable formats: robomimic, zarr, lerobot")
 
 
 def convert_dataset(

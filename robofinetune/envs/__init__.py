@@ -53,6 +53,10 @@ def make_env(task: str | Path | TaskSpec, seed: int | None = None, render: bool 
     camera; choose with ``render_camera=``, size with ``render_size=(H, W)``). Other ``overrides`` replace
     TaskSpec fields (``horizon=50``) or, for any other name, entries of ``env_kwargs``.
     """
+    if _is_robot(task):
+        from robofinetune.robot.env import make_robot_env
+
+        return make_robot_env(task, seed=seed, **overrides)
     spec = load_task_spec(task)
     wrapper_kwargs = {key: overrides.pop(key) for key in _WRAPPER_KWARGS if key in overrides}
     if overrides:
@@ -76,8 +80,11 @@ def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, a
                     **overrides: Any) -> gymnasium.vector.VectorEnv:
     """``num_envs`` copies of ``make_env(task)``, env ``i`` seeded with ``seed + i``.
 
-    ``AsyncVectorEnv`` (one process per env; ``context`` picks the multiprocessing start method, default
-    the platform's) unless ``num_envs == 1`` or ``asynchronous=False``, then ``SyncVectorEnv``.
+    ``AsyncVectorEnv`` (one process per env) unless ``num_envs == 1`` or ``asynchronous=False``, then
+    ``SyncVectorEnv``. ``context`` is the multiprocessing start method: by default the platform's (``fork``
+    on Linux), but ``forkserver`` when ``render=True`` on Linux, because EGL contexts hang in workers forked
+    from a process that has loaded libEGL (``spawn``/``forkserver`` re-import the task, so scripts using them
+    need the usual ``if __name__ == "__main__":`` guard).
 
     Autoreset mode: **SAME_STEP** (``gymnasium.vector.AutoresetMode.SAME_STEP``, also exported here as
     ``AUTORESET_MODE``). When env ``i`` terminates or truncates in ``step()``, it is reset inside that same
@@ -91,11 +98,60 @@ def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, a
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if _is_robot(task):  # one robot: one env, driven from this process
+        return gymnasium.vector.SyncVectorEnv([functools.partial(make_env, task, seed=seed, **overrides)],
+                                              autoreset_mode=AUTORESET_MODE)
     spec = load_task_spec(task)
-    fns = [functools.partial(make_env, spec, seed=seed + i, render=render, **overrides) for i in range(num_envs)]
     if asynchronous and num_envs > 1:
-        return gymnasium.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=AUTORESET_MODE)
+        if context is None and render and sys.platform.startswith("linux"):
+            context = "forkserver"
+        factories = [_WorkerEnvFactory(spec, seed + i, render, overrides) for i in range(num_envs)]
+        return gymnasium.vector.AsyncVectorEnv(factories, context=context, autoreset_mode=AUTORESET_MODE)
+    fns = [functools.partial(make_env, spec, seed=seed + i, render=render, **overrides) for i in range(num_envs)]
     return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AUTORESET_MODE)
+
+
+def _is_robot(task: Any) -> bool:
+    if not isinstance(task, (str, Path)) or not str(task).endswith((".yaml", ".yml")):
+        return False
+    from robofinetune.robot.config import is_robot_config
+
+    return is_robot_config(task)
+
+
+class _SpacesOnlyEnv(gymnasium.Env):
+    """Stands in for a task's env in the parent process: its spaces and metadata, no simulator."""
+
+    def __init__(self, spec: TaskSpec, render: bool) -> None:
+        from robofinetune.envs.base import action_space, observation_space
+
+        self.observation_space = observation_space(spec)
+        self.action_space = action_space(spec)
+        self.metadata = {"render_modes": ["rgb_array"], "render_fps": spec.control_freq}
+        self.render_mode = "rgb_array" if render else None
+
+
+class _WorkerEnvFactory:
+    """``make_env`` for an AsyncVectorEnv worker.
+
+    AsyncVectorEnv calls its first env function once in the parent process, only to read spaces and
+    metadata. Called in the process that created it, this factory returns a simulator-free stand-in, so
+    the parent neither pays robosuite's ~5 s construction nor opens a GL context (a GL context in the
+    parent makes EGL hang in forked workers).
+    """
+
+    def __init__(self, spec: TaskSpec, seed: int, render: bool, overrides: dict[str, Any]) -> None:
+        self.overrides = {key: value for key, value in overrides.items() if key in _WRAPPER_KWARGS}
+        task_overrides = {key: value for key, value in overrides.items() if key not in _WRAPPER_KWARGS}
+        self.spec = spec.replace(**task_overrides) if task_overrides else spec
+        self.seed = seed
+        self.render = render
+        self.parent_pid = os.getpid()
+
+    def __call__(self) -> gymnasium.Env:
+        if os.getpid() == self.parent_pid:
+            return _SpacesOnlyEnv(self.spec, self.render)
+        return make_env(self.spec, seed=self.seed, render=self.render, **self.overrides)
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,11 @@ def resolve_controller_configs(controller: Any, robots: Any) -> Any:
     """
     if controller is None or isinstance(controller, dict):
         return controller
-    from robosuite.controllers import ALL_PART_CONTROLLERS, load_composite_controller_config, load_part_controller_config
+    from robosuite.controllers import (
+        ALL_PART_CONTROLLERS,
+        load_composite_controller_config,
+        load_part_controller_config,
+    )
     from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
 
     robot = robots[0] if isinstance(robots, (list, tuple)) else robots
@@ -101,12 +105,13 @@ ROBOMIMIC_OBJECT_BUILDERS = {
 class RobosuiteEnv(gymnasium.Env):
     """One robosuite env behind the robofinetune Env interface.
 
-    Observations are the spec's keys, float32, in spec order. ``object`` follows robomimic's layout (see
-    ``ROBOMIMIC_OBJECT_BUILDERS``) for the envs robomimic covers; for other envs any key ``k`` missing from
-    robosuite's observations is read from ``k-state`` (so ``object`` is robosuite's ``object-state``). Reward is sparse: 1.0 when
-    ``_check_success()`` holds, which also terminates the episode; ``truncated`` at the spec's horizon.
-    ``reset(seed=s)`` reseeds robosuite's own generator (robot init noise, object placement) so placements
-    repeat exactly.
+    Observations are the spec's keys, float32 (uint8 for ``*_image``), in spec order, computed at the state
+    reached (so ``set_state(get_state())`` gives back the same observation). ``object`` follows robomimic's
+    layout (see ``ROBOMIMIC_OBJECT_BUILDERS``) for the envs robomimic covers; for other envs a key ``k``
+    missing from robosuite's observations is read from ``k-state`` (``object`` -> ``object-state``).
+    Reward is sparse: 1.0 when ``_check_success()`` holds, which also terminates the episode; ``truncated``
+    at the spec's horizon. ``reset(seed=s)`` reseeds robosuite's own generator (robot init noise, object
+    placement) so placements repeat exactly.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -137,7 +142,7 @@ class RobosuiteEnv(gymnasium.Env):
         kwargs["ignore_done"] = True  # the wrapper decides when an episode ends
         self._kwargs = kwargs
         self.robosuite_env = robosuite.make(spec.env_name, seed=seed, **kwargs)
-        low, high = self.robosuite_env.action_spec
+        low, _ = self.robosuite_env.action_spec
         if len(low) != spec.action_dim:
             raise TaskError(
                 f"task '{spec.name}': robosuite env '{spec.env_name}' has action dim {len(low)}, "
@@ -172,8 +177,8 @@ class RobosuiteEnv(gymnasium.Env):
         self.robosuite_env.step(action)
         # robosuite's own step observations come from the kinematics before the last physics substep (up to
         # ~2 mm behind the state for a falling object); recompute them at the state itself, as robomimic's
-        # dataset_states_to_obs did, so that obs == set_state(get_state()) exactly.
-        raw = self._observe()
+        # dataset_states_to_obs did, so that obs == set_state(get_state()) exactly. Costs ~0.5 ms a step.
+        raw = self._observe(keep_images=True)
         self._steps += 1
         success = bool(self.robosuite_env._check_success())
         truncated = (not success) and self._steps >= self.horizon
@@ -221,10 +226,20 @@ class RobosuiteEnv(gymnasium.Env):
 
     # --- helpers -------------------------------------------------------------------------------------------
 
-    def _observe(self) -> dict[str, Any]:
-        """robosuite's observations at the current state (forward kinematics first, every sensor fresh)."""
-        self.robosuite_env.sim.forward()
-        return self.robosuite_env._get_observations(force_update=True)
+    def _observe(self, keep_images: bool = False) -> dict[str, Any]:
+        """robosuite's observations at the current state (forward kinematics first, sensors resampled).
+
+        ``keep_images`` keeps the camera images robosuite rendered during ``step`` instead of rendering them
+        again (rendering dominates the cost of an image step).
+        """
+        env = self.robosuite_env
+        env.sim.forward()
+        if not (keep_images and self._kwargs["use_camera_obs"]):
+            return env._get_observations(force_update=True)
+        for observable in env._observables.values():
+            if observable.modality != "image":
+                observable.update(timestep=0.0, obs_cache=env._obs_cache, force=True)
+        return env._get_observations()
 
     def _reseed_robosuite(self, seed: int) -> None:
         # robosuite hands one np.random.Generator (env.rng) to its placement samplers and robot resets; set its
@@ -237,7 +252,7 @@ class RobosuiteEnv(gymnasium.Env):
             key_map = {}
             for key in self.task_spec.obs_shapes:
                 if key == "object" and self.task_spec.env_name in ROBOMIMIC_OBJECT_BUILDERS:
-                    key_map[key] = ""  # built by _object_vector
+                    key_map[key] = ""  # built by ROBOMIMIC_OBJECT_BUILDERS
                 elif key in raw:
                     key_map[key] = key
                 elif f"{key}-state" in raw:

@@ -90,6 +90,10 @@ def load_task_spec(task: str | Path | TaskSpec) -> TaskSpec:
     if looks_like_path:
         if not path.is_file():
             raise TaskError(f"task file '{path}' does not exist")
+        from robofinetune.robot.config import is_robot_config, robot_task_spec  # robot imports envs: import late
+
+        if is_robot_config(path):  # a real robot (or its twin) mirrors a sim task: same spaces
+            return robot_task_spec(path)
     else:
         path = task_specs_dir() / f"{task}.yaml"
         if not path.is_file():

@@ -52,8 +52,9 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
 
     start = time.time()
     num_envs = max(1, min(num_envs, episodes))
-    quotas = [episodes // num_envs + (1 if index < episodes % num_envs else 0) for index in range(num_envs)]
     envs = make_vector_env(task, num_envs=num_envs, seed=seed, **(env_overrides or {}))
+    num_envs = envs.num_envs  # a robot YAML gives one env whatever was asked
+    quotas = [episodes // num_envs + (1 if index < episodes % num_envs else 0) for index in range(num_envs)]
     try:
         check_policy_matches_env(policy, envs)
         results: list[tuple[bool, int]] = []

@@ -23,6 +23,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "policy.json"
 
 _REGISTRY: dict[str, tuple[type[Policy], type]] = {}
+# Policy kinds defined outside robofinetune.policies register themselves when their module is imported;
+# load_policy imports it on demand, so `robofinetune eval --policy=<run>/policy` works for them too.
+_KIND_MODULES = {"residual": "robofinetune.algos.residual"}
 
 
 def register_policy(kind: str, policy_class: type[Policy], config_class: type) -> None:
@@ -47,6 +50,7 @@ def save_policy(policy: Policy, path: str | Path, metadata: dict[str, Any] | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(temporary, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         if hasattr(policy, "save_extra"):
             policy.save_extra(temporary)  # composite policies write their sub-policies here
@@ -95,6 +99,10 @@ def load_policy(path: str | Path, device: str | torch.device | None = None, task
     path = Path(path)
     document = read_policy_document(path)
     kind = document.get("kind")
+    if kind not in _REGISTRY and kind in _KIND_MODULES:
+        import importlib
+
+        importlib.import_module(_KIND_MODULES[kind])
     if kind not in _REGISTRY:
         raise CheckpointError(f"{path / CONFIG_FILE}: field 'kind' is {kind!r}; known kinds: {sorted(_REGISTRY)}")
     policy_class, config_class = _REGISTRY[kind]

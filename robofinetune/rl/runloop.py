@@ -50,7 +50,8 @@ class RunLoop:
         self.successes = 0
         self.recent_success: deque[bool] = deque(maxlen=success_window)
         self.eval_points: list[dict[str, Any]] = []    # every periodic evaluation
-        self.train_points: list[tuple[int, float]] = []  # (env steps, success rate of recent training episodes)
+        # (env steps, success rate of the recent training episodes, episodes so far), at each episode end
+        self.train_points: list[tuple[int, float, int]] = []
         self.seconds = 0.0                               # training wall time accumulated over resumes
         self._previous_steps = 0
         self._started_at: float | None = None
@@ -79,7 +80,7 @@ class RunLoop:
             self.successes += int(outcome.success)
             self.recent_success.append(bool(outcome.success))
         if outcomes:
-            self.train_points.append((self.env_steps, self.recent_success_rate))
+            self.train_points.append((self.env_steps, self.recent_success_rate, self.episodes))
         if self._bar is not None:
             self._bar.update(int(env_steps))
 
@@ -146,7 +147,7 @@ class RunLoop:
 
         figure, axes = plt.subplots(figsize=(7, 4))
         if self.train_points:
-            steps, rates = zip(*self.train_points)
+            steps, rates = [point[0] for point in self.train_points], [point[1] for point in self.train_points]
             axes.plot(steps, rates, color="tab:blue", alpha=0.6, label=f"training episodes (last {self.recent_success.maxlen})")
         labels = sorted({point["label"] for point in self.eval_points})
         for color, label in zip(["tab:red", "tab:green", "tab:purple"], labels):

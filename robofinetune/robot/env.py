@@ -38,7 +38,7 @@ from robofinetune.envs.base import action_space, observation_space
 from robofinetune.robot.config import RobotConfig, load_robot_config
 from robofinetune.robot.errors import EStopError, RobotConnectionError, RobotError
 from robofinetune.robot.messages import BOOL, STRING, MessageError, decode_field, encode_command
-from robofinetune.robot.safety import (ESTOP, OVERRUN, STALE_HOLD, Intervention, InterventionLog, RateLoop,
+from robofinetune.robot.safety import (ESTOP, STALE_HOLD, Intervention, InterventionLog, RateLoop,
                                        SafetyLayer, Watchdog)
 from robofinetune.robot.transport import Transport, make_transport
 
@@ -97,9 +97,11 @@ class RobotEnv(gymnasium.Env):
         self._last_obs: dict[str, np.ndarray] | None = None
         self._last_obs_time = 0.0
         self._last_counts: dict[str, int] = {}
+        self.last_command_time = 0.0  # monotonic time of the last command (or reset request) sent
         self.latencies: list[float] = []
         self.late: list[float] = []
         self.stale_spells: list[dict[str, float]] = []
+        self.overrun_events: list[dict[str, float]] = []  # reported, not interventions: nothing was changed
         self.transport = transport or make_transport(self.config)
         self._connected = False
         self._pending_seed = seed  # make_env's convention: the first reset() uses it
@@ -281,7 +283,7 @@ class RobotEnv(gymnasium.Env):
         if self._episode_active:
             self._end_episode()
         self.log = InterventionLog()
-        self.latencies, self.late, self.stale_spells = [], [], []
+        self.latencies, self.late, self.stale_spells, self.overrun_events = [], [], [], []
         options = options or {}
         mode = self.config.reset.mode
         requested = time.monotonic()
@@ -300,14 +302,22 @@ class RobotEnv(gymnasium.Env):
         with self._cache.cond:
             if self._success_time <= fresh_after:
                 self._success_value = False
-        missing = self._wait(lambda: self._fresh_since_time(fresh_after), self.config.reset.timeout,
-                             stop_on_estop=False)
+        deadline = time.monotonic() + self.config.reset.timeout
+        while True:
+            missing = self._wait(lambda: self._fresh_since_time(fresh_after), 1.0, stop_on_estop=False)
+            if not missing or time.monotonic() > deadline:
+                break
+            if mode == "topic":
+                # a message published while our subscriber was still connecting is lost: ask again (the same
+                # request id makes the robot republish its state without resetting twice)
+                self._reset_pub.publish({"data": reply["_request"]})
         if missing:
             bad = {t: self._cache.bad_messages[t] for t in missing if t in self._cache.bad_messages}
             raise RobotConnectionError(
                 f"robot '{self.config.name}': no observations on {missing} within {self.config.reset.timeout:g} s "
                 f"after reset" + (f"; undecodable messages: {bad}" if bad else ""))
         self._last_obs, self._last_obs_time = self._snapshot()
+        self.last_command_time = fresh_after  # lockstep: the robot's replies to this reset come after it
         self.safety.reset()
         self._steps = 0
         self._episode_start = time.monotonic()
@@ -346,6 +356,7 @@ class RobotEnv(gymnasium.Env):
                 raise RobotConnectionError(
                     f"robot '{self.config.name}': no reply on {self.config.reset.done_topic} to a reset request on "
                     f"{self.config.reset.request_topic} within {timeout:g} s (is the twin / reset node running?)")
+        reply["_request"] = payload
         if reply.get("error"):
             raise RobotError(f"robot '{self.config.name}': reset failed: {reply['error']}")
         # lockstep: the robot publishes only in response to requests, so anything after the request is new;
@@ -369,6 +380,7 @@ class RobotEnv(gymnasium.Env):
             with self._command_lock:
                 t_pub = self._publish(safe)
                 self.safety.last_sent = safe
+            self.last_command_time = t_pub
             info["action_sent"] = safe.astype(np.float32)
             info["latency"] = t_pub - t_seen
             self.latencies.append(t_pub - t_seen)
@@ -389,10 +401,13 @@ class RobotEnv(gymnasium.Env):
             self.rate.mark()
             interval = self.rate.intervals[-1] if self.rate.intervals else self.period
             info["late"] = max(0.0, interval - self.period)
-            if interval > 1.5 * self.period:
+        # an overrun: our own loop missed its tick (rate, lockstep), or a robot tick was missed (observation:
+        # the robot's clock jitters by itself, so only a step longer than 1.5 periods counts)
+        threshold = (0.5 if sync == "observation" else 0.1) * self.period
+        if info["late"] > threshold:
+            if sync == "observation":
                 self.rate.overruns += 1
-        if info["late"] > 0.1 * self.period:
-            self.log.add(Intervention(OVERRUN, self._steps, time.monotonic(), {"late_ms": info["late"] * 1000.0}))
+            self.overrun_events.append({"step": self._steps, "late_ms": info["late"] * 1000.0})
         self.late.append(info["late"])
 
         if self.estop_engaged:
@@ -434,8 +449,10 @@ class RobotEnv(gymnasium.Env):
 
     def _end_episode(self) -> None:
         self.watchdog.disarm()
-        if self._episode_active:
-            self._send_hold()  # a realtime robot keeps applying the last command otherwise
+        if self._episode_active and self.config.sync != "lockstep":
+            # a realtime robot keeps applying the last command otherwise; a lockstep robot only moves on
+            # command (and a hold would step it once more, its reply racing the next reset)
+            self._send_hold()
         self._episode_active = False
 
     # --- reporting --------------------------------------------------------------------------------------------------
@@ -448,7 +465,7 @@ class RobotEnv(gymnasium.Env):
             "latency_ms": {"p50": _percentile_ms(self.latencies, 50), "p99": _percentile_ms(self.latencies, 99),
                            "max": _percentile_ms(self.latencies, 100)},
             "rate_hz": self.rate.achieved_rate, "target_rate_hz": self.config.control_rate,
-            "overruns": self.rate.overruns,
+            "overruns": len(self.overrun_events), "overrun_events": self.overrun_events[:100],
             "stale_spells": [dict(spell) for spell in self.stale_spells],
             "bad_messages": self._cache.bad_count,
         }

@@ -126,9 +126,10 @@ def _pose_values(message: dict[str, Any], field: str) -> np.ndarray:
 
 def decode_image(message: dict[str, Any], where: str = "image") -> np.ndarray:
     """A ``sensor_msgs/Image`` dict as an H x W x C uint8 array in RGB order (mono stays 1 channel)."""
-    encoding = str(message.get("encoding", "rgb8")).lower()
+    given = str(message.get("encoding", "rgb8"))
+    encoding = given.lower()
     if encoding not in IMAGE_CHANNELS:
-        raise MessageError(f"{where}: unsupported image encoding '{encoding}' (supported: {sorted(IMAGE_CHANNELS)})")
+        raise MessageError(f"{where}: unsupported image encoding '{given}' (supported: {sorted(IMAGE_CHANNELS)})")
     height, width = int(message.get("height", 0)), int(message.get("width", 0))
     channels = IMAGE_CHANNELS[encoding]
     data = message.get("data", b"")

@@ -33,6 +33,7 @@ class RosMaster:
     def __init__(self, port: int | None = None, log_dir: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="robofinetune-ros-"))
         self.process: subprocess.Popen | None = None
 
@@ -65,6 +66,12 @@ class RosMaster:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        self._kill(process)
+        if self._own_log_dir and not os.environ.get("ROBOFINETUNE_KEEP_ROS_LOGS"):
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
         try:
             os.killpg(process.pid, signal.SIGINT)  # roscore shuts rosmaster and rosout down on SIGINT
             process.wait(timeout=10)

@@ -79,13 +79,21 @@ class Intervention:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "step": self.step, "time": self.time, **self.detail}
+        def short(value: Any) -> Any:  # episode metadata is stored as an HDF5 attribute: keep it compact
+            if isinstance(value, float):
+                return round(value, 4)
+            if isinstance(value, (list, tuple)):
+                return [short(item) for item in value]
+            return value
+
+        return {"kind": self.kind, "step": self.step, "time": round(self.time, 4),
+                **{key: short(value) for key, value in self.detail.items()}}
 
 
 class InterventionLog:
     """All interventions of one episode (the first ``max_events`` in full, all of them counted)."""
 
-    def __init__(self, max_events: int = 200) -> None:
+    def __init__(self, max_events: int = 50) -> None:
         self.counts: Counter[str] = Counter()
         self.events: list[Intervention] = []
         self.max_events = max_events

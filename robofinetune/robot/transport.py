@@ -28,20 +28,19 @@ ROS_APT_PACKAGES = "ros-core python3-rospy python3-sensor-msgs python3-geometry-
 
 def import_rospy():
     """``import rospy``, from a virtualenv too (appends the system ROS paths to ``sys.path``, after the venv's)."""
+    import importlib
+
     try:
-        import rospy  # noqa: F401
+        return importlib.import_module("rospy")
     except ImportError:
         for path in ROS_PYTHON_PATHS:
             if os.path.isdir(os.path.join(path, "rospy")) and path not in sys.path:
                 sys.path.append(path)
         try:
-            import rospy  # noqa: F401
+            return importlib.import_module("rospy")
         except ImportError as exc:
             raise RobotError(f"rospy is not importable ({exc}); install ROS 1: apt-get install {ROS_APT_PACKAGES}"
                              ) from None
-    import rospy
-
-    return rospy
 
 
 def ros_available() -> bool:

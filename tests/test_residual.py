@@ -1,0 +1,215 @@
+"""Residual RL on the fast pointmass task: composite policy, demo relabelling, base resets, crash + resume."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from robofinetune.algos import residual
+from robofinetune.algos.bc import BCConfig, train_bc
+from robofinetune.algos.residual import (ResidualConfig, ResidualPolicy, ResidualPolicyConfig, label_base_actions,
+                                         train)
+from robofinetune.data.collect import collect_episodes
+from robofinetune.data.io import save_dataset
+from robofinetune.envs import load_task_spec
+from robofinetune.policies import load_policy, save_policy
+from robofinetune.rl import ReplayBuffer, RunLoop, VectorRollout
+from robofinetune.runs import Run
+
+
+@pytest.fixture(scope="session")
+def pointmass_base(tmp_path_factory):
+    """A small, poor diffusion base on pointmass (few demos, few BC steps) and its demos."""
+    folder = tmp_path_factory.mktemp("pointmass_base")
+    episodes = collect_episodes("pointmass", 12, seed=0, progress=False)
+    dataset = save_dataset(episodes, folder / "demos.hdf5", env_meta={"env_name": "pointmass", "task": "pointmass"})
+    config = BCConfig(task="pointmass", dataset=str(dataset), max_steps=60, hidden_dim=64, depth=1, batch_size=64,
+                      warmup_steps=10, eval_episodes=0, checkpoint_every=10**9, accelerator="cpu")
+    run = Run.create("bc", "pointmass", config, root=folder / "runs")
+    train_bc(config, run, progress=False)
+    return run.path / "policy", dataset
+
+
+def residual_policy(base):
+    spec = load_task_spec("pointmass")
+    config = ResidualPolicyConfig(task="pointmass", obs_keys=spec.obs_keys,
+                                  obs_shapes={k: list(v) for k, v in spec.obs_shapes.items()}, action_dim=2,
+                                  hidden_dim=32, depth=2)
+    return ResidualPolicy(config, base=base)
+
+
+def pointmass_obs(batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {key: rng.uniform(-0.3, 0.3, (batch, 2)).astype(np.float32) for key in ("agent_pos", "agent_vel", "goal_pos")}
+
+
+def test_zero_initialised_residual_leaves_base_actions_unchanged(pointmass_base, tmp_path):
+    base = load_policy(pointmass_base[0], device="cpu")
+    policy = residual_policy(copy.deepcopy(base)).eval()
+    obs = pointmass_obs()
+    for step in range(6):  # across chunk boundaries (n_action_steps = 4)
+        torch.manual_seed(step)
+        expected = base.select_action(obs)
+        torch.manual_seed(step)
+        assert np.array_equal(policy.select_action(obs), expected)
+    assert torch.count_nonzero(policy.actor(torch.randn(5, 8))) == 0
+    # a trained residual moves the action, by at most action_scale
+    torch.nn.init.normal_(policy.actor.net[-1].weight, std=1.0)
+    policy.reset()
+    base.reset()
+    torch.manual_seed(0)
+    corrected = policy.select_action(obs)
+    torch.manual_seed(0)
+    plain = base.select_action(obs)
+    assert 0 < np.abs(corrected - plain).max() <= 0.1 + 1e-6
+
+
+def test_residual_policy_is_a_loadable_policy_kind(pointmass_base, tmp_path):
+    policy = residual_policy(load_policy(pointmass_base[0], device="cpu"))
+    torch.nn.init.normal_(policy.actor.net[-1].weight, std=0.5)
+    save_policy(policy, tmp_path / "policy", {"note": "test"})
+    assert (tmp_path / "policy" / "base" / "policy.json").exists()
+    loaded = load_policy(tmp_path / "policy", task="pointmass")
+    assert isinstance(loaded, ResidualPolicy) and loaded.base.kind == "diffusion"
+    obs = pointmass_obs()
+    torch.manual_seed(1)
+    first = policy.eval().select_action(obs)
+    torch.manual_seed(1)
+    assert np.allclose(loaded.select_action(obs), first, atol=1e-6)
+    assert loaded.act({k: np.repeat(v[:, None], 2, axis=1) for k, v in obs.items()}).shape == (3, 1, 2)
+
+
+def test_demo_relabelling_runs_the_base_along_each_demo_from_a_fresh_start(pointmass_base):
+    from robofinetune.data.io import load_dataset
+
+    base = load_policy(pointmass_base[0], device="cpu")
+    keys = load_task_spec("pointmass").obs_keys
+    episodes, _ = load_dataset(pointmass_base[1], obs_keys=keys)
+    episode = episodes[0]
+    torch.manual_seed(0)
+    labels = label_base_actions(base, [episode], keys)[0]
+    assert labels.shape == (len(episode) + 1, 2)
+    # the same as driving the base along the demo, final observation included
+    torch.manual_seed(0)
+    base.reset()
+    states = [{k: episode.observations[k][t][None] for k in keys} for t in range(len(episode))]
+    states.append({k: np.asarray(episode.final_observation[k])[None] for k in keys})
+    manual = np.concatenate([base.select_action(state) for state in states])
+    assert np.allclose(labels, manual, atol=1e-6)
+    # a base left mid-chunk by earlier use does not leak its queued actions into the labels
+    base.reset()
+    base.select_action(pointmass_obs(1))
+    base.select_action(pointmass_obs(1, seed=1))
+    torch.manual_seed(0)
+    assert np.allclose(label_base_actions(base, [episode], keys)[0], labels, atol=1e-6)
+    # a batch of demos of different lengths gets one label per state of each
+    together = label_base_actions(base, episodes[:3], keys)
+    assert [len(label) for label in together] == [len(e) + 1 for e in episodes[:3]]
+
+
+def tiny_config(base, dataset, **overrides):
+    values = dict(task="pointmass", base=str(base), dataset=str(dataset), total_env_steps=160, num_envs=1,
+                  critic_hidden_dim=32, num_critics=3, actor_hidden_dim=32, batch_size=32, updates_per_step=0.25,
+                  warmup_steps=40, eval_every=0, eval_episodes=1, final_eval_episodes=1, eval_envs=1,
+                  checkpoint_every=80, log_every=40, progress=False)
+    values.update(overrides)
+    return ResidualConfig(**values)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_crash_then_resume_restores_buffers_and_counters_exactly(pointmass_base, tmp_path, monkeypatch):
+    base_path, dataset = pointmass_base
+    config = tiny_config(base_path, dataset, total_env_steps=200, checkpoint_every=80)
+    run = Run.create("residual", "pointmass", config, root=tmp_path)
+
+    saved = {}
+    original_save = RunLoop.save_checkpoint
+
+    def recording_save(self, state, buffers):
+        saved[self.env_steps] = {name: copy.deepcopy(buffer.state_dict()) for name, buffer in buffers.items()}
+        saved[self.env_steps]["updates"] = state["learner"]["critic_updates"]
+        return original_save(self, state, buffers)
+
+    monkeypatch.setattr(RunLoop, "save_checkpoint", recording_save)
+    original_step = VectorRollout.step
+    calls = {"n": 0}
+
+    def crashing_step(self, actions, while_waiting=None):
+        calls["n"] += 1
+        if calls["n"] > 120:
+            raise Crash("simulated crash")
+        return original_step(self, actions, while_waiting)
+
+    monkeypatch.setattr(VectorRollout, "step", crashing_step)
+    with pytest.raises(Crash):
+        train(config, run)
+    assert sorted(saved) == [80]
+
+    monkeypatch.setattr(VectorRollout, "step", original_step)
+    restored = {}
+    original_load = RunLoop.load_checkpoint
+
+    def recording_load(self, buffers):
+        state = original_load(self, buffers)
+        restored.update({name: copy.deepcopy(buffer.state_dict()) for name, buffer in buffers.items()})
+        restored["env_steps"], restored["episodes"] = self.env_steps, self.episodes
+        restored["updates"] = state["learner"]["critic_updates"]
+        return state
+
+    monkeypatch.setattr(RunLoop, "load_checkpoint", recording_load)
+    summary = train(config, Run.open(run.path), resume=True)
+
+    assert restored["env_steps"] == 80 and restored["updates"] == saved[80]["updates"] > 0
+    for name in ("offline", "online"):
+        before, after = saved[80][name], restored[name]
+        for key in ReplayBuffer._ARRAYS:
+            assert np.array_equal(before[key], after[key]), (name, key)
+        assert before["rng"] == after["rng"] and before["added"] == after["added"]
+    assert restored["online"]["added"] == 80
+    assert summary["env_steps"] == 200
+    # the resumed run continued the same curve and finished with the base and final points
+    metrics = Run.open(run.path).metrics()
+    assert [m for m in metrics if "base/success" in m] and [m for m in metrics if "final/success" in m]
+    assert (run.path / "success_curve.png").exists() and (run.path / "policy" / "base" / "policy.json").exists()
+    assert json.loads((run.path / "summary.json").read_text())["env_steps"] == 200
+
+
+def test_training_resets_the_base_at_every_episode_start(pointmass_base, tmp_path, monkeypatch):
+    base_path, dataset = pointmass_base
+    config = tiny_config(base_path, dataset, total_env_steps=220, num_envs=2, checkpoint_every=0)
+    resets: list = []
+    original_load_base = residual.load_base
+
+    def spying_load_base(cfg):
+        base = original_load_base(cfg)
+        original_reset = base.reset
+
+        def reset(env_index=None):
+            resets.append(env_index)
+            original_reset(env_index)
+
+        base.reset = reset
+        return base
+
+    monkeypatch.setattr(residual, "load_base", spying_load_base)
+    original_step = VectorRollout.step
+    finished = []
+
+    def recording_step(self, actions, while_waiting=None):
+        transitions = original_step(self, actions, while_waiting)
+        finished.extend(outcome.env_index for outcome in transitions.finished)
+        resets.append(("episode_end", [outcome.env_index for outcome in transitions.finished]))
+        return transitions
+
+    monkeypatch.setattr(VectorRollout, "step", recording_step)
+    train(config, Run.create("residual", "pointmass", config, root=tmp_path))
+    assert len(finished) >= 2  # pointmass horizon is 100: 110 steps of two envs
+    # right after each step that ended episodes, exactly those envs' base state is reset
+    for position, entry in enumerate(resets):
+        if isinstance(entry, tuple) and entry[1]:
+            assert resets[position + 1: position + 1 + len(entry[1])] == entry[1]
