@@ -73,6 +73,8 @@ class ConsistencyPolicy(GenerativePolicy):
         super().__init__(config)
         if config.ode not in ODE_KINDS:
             raise ConfigError(f"consistency policy field 'ode' is {config.ode!r}; choose one of {ODE_KINDS}")
+        if config.prediction not in ("sample", "epsilon"):
+            raise ConfigError(f"consistency policy field 'prediction' is {config.prediction!r}; choose 'sample' or 'epsilon'")
         if not config.grid:
             raise ConfigError("consistency policy field 'grid' is empty: it needs the teacher's solver times")
         self.denoiser = build_denoiser(config.network, config.action_dim, config.horizon, self.condition_dim,
