@@ -288,8 +288,8 @@ def test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler(kind):
 def test_ogpo_improves_a_poor_base_on_pointmass(poor_base, tmp_path):
     """From a 40-55% base (DDIM-5), 2k env steps of OGPO (critic from scratch, BC on the 10 demos and its own
     successes) reach a success whose 95% interval lies above the base's rate on the same 50 evaluation
-    episodes. A no-op policy replays the base's episodes exactly (same seeds, deterministic sampler), so it
-    scores the base rate and cannot pass. (Measured here: 52% -> 78% [65%, 87%].)"""
+    episodes. Evaluations are seeded (env seeds and initial latents), so a no-op replays the base's episodes
+    exactly (next test) and cannot pass. (Measured here: 52% -> 78% [65%, 87%].)"""
     from robofinetune.algos.ogpo import train
     from robofinetune.runs import Run
 
@@ -302,3 +302,21 @@ def test_ogpo_improves_a_poor_base_on_pointmass(poor_base, tmp_path):
     assert summary["base_success"] <= 0.6, summary             # the base really is poor
     assert summary["final_success"] >= summary["base_success"] + 0.15, summary
     assert low > summary["base_success"], summary
+
+
+def test_a_run_that_never_updates_the_actor_replays_the_base_evaluation(poor_base, tmp_path):
+    """The no-op reference of the test above: only the critic trains (the actor's warm-up outlasts the run), and
+    the final evaluation reproduces the base's episodes one for one."""
+    from robofinetune.algos.ogpo import train
+    from robofinetune.runs import Run
+
+    base, demos = poor_base
+    config = OGPOConfig(task="pointmass", base=str(base), dataset=str(demos), total_env_steps=100, warmup_steps=10**6,
+                        critic_hidden_dim=16, critic_batch_size=32, chain_steps=5, eval_every=10**6,
+                        final_eval_episodes=8, checkpoint_every=10**6, progress=False)
+    run = Run.create("ogpo", "pointmass", config, root=tmp_path)
+    summary = train(config, run)
+    assert summary["actor_rounds"] == 0 and summary["critic_updates"] > 0
+    report = json.loads((run.path / "eval.json").read_text())
+    assert report["success_rate"] == report["base"]["success"]
+    assert report["mean_length"] == report["base"]["mean_length"]

@@ -738,6 +738,15 @@ def prepare_policy(config: OGPOConfig) -> tuple[GenerativePolicy, int]:
 
 # --- training ------------------------------------------------------------------------------------------------
 
+def evaluate(loop: RunLoop, policy: GenerativePolicy, config: OGPOConfig, **kwargs: Any):
+    """``loop.evaluate`` with the torch RNG forked and seeded: every evaluation draws the same initial latents
+    for the same env seeds, so two evaluations of the same weights give the same episodes (a curve's changes
+    are the policy's, and the base point is the same in both modes), and training's RNG stream is untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.eval_seed)
+        return loop.evaluate(policy, **kwargs)
+
+
 def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
     """Fine-tune every weight of the base; write ``<run>/policy`` (a normal diffusion/flow checkpoint),
     checkpoints, metrics, the success curve and ``eval.json``; return a summary with base and final success."""
@@ -786,7 +795,7 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
                                         rows["terminated"], rows["truncated"],
                                         -(number * policy.config.n_action_steps + rows["stream"]) - 1)
         if config.eval_base:
-            loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
+            evaluate(loop, policy, config, episodes=config.final_eval_episodes, label="base")
 
     metadata = {"task": config.task, "base": str(Path(config.base) if config.base else default_base(config.task)),
                 "base_kind": policy.kind, "mode": config.mode, "dataset": str(dataset_path), "run": str(run.path),
@@ -813,7 +822,7 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         actor.rollout.close()
 
     save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
-    final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
+    final = evaluate(loop, policy, config, episodes=config.final_eval_episodes, label="final")
     save_checkpoint()  # the final evaluation point is part of the curve kept in the checkpoint
     base_point = next((point for point in loop.eval_points if point["label"] == "base"), None)
     run.write_json("eval.json", {**final.to_dict(), "base": base_point})
@@ -907,7 +916,7 @@ def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, lo
             run.log(loop.env_steps, **metrics)
             window_start, window_steps = time.time(), 0
         if loop.due(config.eval_every) and not loop.finished:
-            loop.evaluate(learner.policy)
+            evaluate(loop, learner.policy, config)
         if loop.due(config.checkpoint_every) or loop.finished:
             save_checkpoint()
         loop.end_step()
@@ -932,7 +941,7 @@ def _dppo_loop(config: OGPOConfig, learner: DPPOLearner, actor: ChunkedActor, lo
             window_steps += config.num_envs
             loop.show(vloss=stats.get("ppo/value_loss", 0.0), kl=stats.get("ppo/approx_kl", 0.0))
             if loop.due(config.eval_every) and not loop.finished:
-                loop.evaluate(learner.policy)   # the policy does not change within an iteration
+                evaluate(loop, learner.policy, config)   # the policy does not change within an iteration
             checkpoint_due |= loop.due(config.checkpoint_every) or loop.finished
             log_due |= loop.due(config.log_every)
             loop.end_step()

@@ -59,7 +59,10 @@ class ResidualConfig:
     action_scale: float = 0.1
     actor_hidden_dim: int = 256
     actor_depth: int = 2
-    actor_lr: float = 1e-4
+    # Adam moves every weight by ~lr per step whatever the gradient's size, so with a 256-wide last layer the
+    # pre-tanh output can move ~256 * lr per update: 1e-4 saturates a noisy residual within a few hundred
+    # updates and wrecks a can policy; 1e-5 (ResFiT: 1e-6 on 1024-wide nets) lets the critic lead.
+    actor_lr: float = 1e-5
     exploration_noise: float = 0.05
     # critic ensemble. ResFiT: 10 heads of 2 x 1024; on a shared 2-core CPU one such update takes ~0.5 s,
     # so 10 heads of 2 x 128 (~14 ms of CPU per update at batch 256): same ensemble and REDQ target.
