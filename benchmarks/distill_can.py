@@ -6,8 +6,8 @@ folder whose name contains "residual" or "ogpo"):
     rollouts + training) on this CPU;
   - evaluate teacher and 1-step student on the same eval seeds (>= 100 episodes each, Wilson intervals, and a
     Newcombe interval for the difference); optionally the 2- and 4-step student too;
-  - measure latency per action chunk (act(), batch 1, one thread, interleaved rounds so that every variant sees
-    the same machine load): teacher DDIM-10 and DDPM-100 (flow: Euler-10 / Euler-100), student 1/2/4 steps;
+  - measure latency per action chunk (act(), batch 1, one thread, steady state, interleaved rounds so that every
+    variant sees the same machine load): teacher DDIM-10 and DDPM-100 (flow: Euler-10 / Euler-100), student 1/2/4 steps;
     and throughput in chunks/s at batch 64.
 
     python benchmarks/distill_can.py                                   # can, default teachers
@@ -49,25 +49,34 @@ def history_length(policy) -> int:
     return int(steps if steps is not None else generative_base(policy).config.n_obs_steps)
 
 
-def measure_latency(variants: dict[str, tuple[Any, dict[str, Any]]], batch: int, rounds: int) -> dict[str, float]:
-    """Median ms per act() call (one chunk per env of the batch), one thread, variants interleaved per round."""
+def measure_latency(variants: dict[str, tuple[Any, dict[str, Any]]], batch: int, rounds: int,
+                    calls_per_block: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median (and 10th percentile, the least disturbed by other jobs) of the steady-state ms per act() call (one
+    chunk per env of the batch), one thread, each call timed alone so that a preemption spoils one sample only.
+
+    Every round runs each variant as a block: one untimed call (so its weights are in cache, as for a policy
+    deployed alone; right after another model the first call of a 1-call student costs ~2x), then
+    ``calls_per_block`` timed calls. Variants alternate within each round, so they share the machine's load."""
     timings: dict[str, list[float]] = {name: [] for name in variants}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            for round_index in range(rounds + 2):
+            for round_index in range(rounds + 1):
                 for name, (policy, variant) in variants.items():
                     _configure(policy, variant)
                     obs = {key: np.zeros((batch, history_length(policy), *shape), np.float32)
                            for key, shape in policy.config.obs_shapes.items()}
-                    start = time.perf_counter()
                     policy.act(obs)
-                    if round_index >= 2:  # two warm-up rounds
-                        timings[name].append((time.perf_counter() - start) * 1000)
+                    for _ in range(calls_per_block):
+                        start = time.perf_counter()
+                        policy.act(obs)
+                        if round_index >= 1:  # the first round warms up allocators and caches
+                            timings[name].append((time.perf_counter() - start) * 1000)
     finally:
         torch.set_num_threads(previous_threads)
-    return {name: float(np.median(values)) for name, values in timings.items()}
+    return ({name: float(np.median(values)) for name, values in timings.items()},
+            {name: float(np.percentile(values, 10)) for name, values in timings.items()})
 
 
 def latency_variants(teacher, student, base) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -137,6 +146,36 @@ def train_pointmass_teachers(seed: int) -> dict[str, str]:
     return teachers
 
 
+def latency_figures(teacher, student, rounds: int) -> dict[str, Any]:
+    """Latency at batch 1 and throughput at batch 64 of the teacher's 10- and 100-step samplers and the student at
+    1, 2 and 4 steps; the teacher and student configs are restored afterwards."""
+    from robofinetune.algos.distill import generative_base
+
+    base = generative_base(teacher)
+    saved = {"teacher": dict(vars(base.config)), "student": dict(vars(student.config))}
+    try:
+        latency, latency_p10 = measure_latency(latency_variants(teacher, student, base), batch=1, rounds=rounds)
+        throughput_ms, _ = measure_latency(latency_variants(teacher, student, base), batch=64, rounds=max(5, rounds // 5))
+    finally:
+        vars(base.config).update(saved["teacher"])
+        vars(student.config).update(saved["student"])
+    fast_name = "teacher_ddim_10" if base.kind == "diffusion" else "teacher_euler_10"
+    note = ("act() per chunk, torch.set_num_threads(1), steady state (warm cache), median of interleaved rounds; "
+            "the machine was shared with other jobs")
+    if teacher is not base:
+        note += "; composite teacher: its base's sampler set as named, residual included"
+    figures = {"latency_ms_batch1": latency,
+               "latency_ratio_teacher10_over_student1": latency[fast_name] / latency["student_1"],
+               "latency_ms_batch1_p10": latency_p10,
+               "latency_ratio_p10": latency_p10[fast_name] / latency_p10["student_1"],
+               "throughput_chunks_per_s_batch64": {name: 64_000.0 / ms for name, ms in throughput_ms.items()},
+               "latency_note": note}
+    print(f"  latency ms (batch 1): {', '.join(f'{k} {v:.2f}' for k, v in latency.items())}; "
+          f"ratio {figures['latency_ratio_teacher10_over_student1']:.1f}x (10th percentiles: "
+          f"{figures['latency_ratio_p10']:.1f}x)")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="can")
@@ -148,12 +187,27 @@ def main() -> None:
     parser.add_argument("--multistep", action="store_true", help="also evaluate the 2- and 4-step student")
     parser.add_argument("--latency-rounds", type=int, default=50)
     parser.add_argument("--set", nargs="*", default=[], help="distill config overrides, key=value")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-measure only the latency figures of an existing results file (same teachers/students)")
     args = parser.parse_args()
 
     from robofinetune.algos.distill import DistillConfig, generative_base, train_distill
     from robofinetune.config import parse_overrides, resolve_config
     from robofinetune.policies import load_policy
     from robofinetune.runs import Run
+
+    if args.latency_only:
+        from common import RESULTS
+
+        path = RESULTS / f"distill_{args.task}.json"
+        result = json.loads(path.read_text())
+        for name, entry in result["teachers"].items():
+            print(f"== {name}: latency only")
+            entry.update(latency_figures(load_policy(entry["teacher_path"], device="cpu"),
+                                         load_policy(entry["student_path"], device="cpu"), args.latency_rounds))
+        result["latency_measured_by"] = provenance(args.seed)
+        write_result(path.name, result)
+        return
 
     if args.teachers:
         teachers = dict(item.split("=", 1) for item in args.teachers)
@@ -217,22 +271,7 @@ def main() -> None:
                                             "within_3_points": gap <= 0.03}
         print(f"  teacher - student(1 step) = {100 * gap:+.1f} points")
 
-        base_sampler = {"sampler": getattr(base.config, "sampler", None), "inference_steps": base.config.inference_steps}
-        latency = measure_latency(latency_variants(teacher, student, base), batch=1, rounds=args.latency_rounds)
-        throughput_ms = measure_latency(latency_variants(teacher, student, base), batch=64,
-                                        rounds=max(5, args.latency_rounds // 5))
-        for field_name, value in base_sampler.items():  # put the teacher back as it ships
-            if value is not None:
-                setattr(base.config, field_name, value)
-        fast_name = "teacher_ddim_10" if base.kind == "diffusion" else "teacher_euler_10"
-        entry["latency_ms_batch1"] = latency
-        entry["latency_ratio_teacher10_over_student1"] = latency[fast_name] / latency["student_1"]
-        entry["throughput_chunks_per_s_batch64"] = {name: 64_000.0 / ms for name, ms in throughput_ms.items()}
-        entry["latency_note"] = "act() per chunk, torch.set_num_threads(1), median of interleaved rounds"
-        if teacher is not base:
-            entry["latency_note"] += "; composite teacher: its base's sampler set as named, residual included"
-        print(f"  latency ms (batch 1): {', '.join(f'{k} {v:.2f}' for k, v in latency.items())}; "
-              f"ratio {entry['latency_ratio_teacher10_over_student1']:.1f}x")
+        entry.update(latency_figures(teacher, student, args.latency_rounds))
         result["teachers"][name] = entry
         write_result(f"distill_{args.task}.json", result)   # after every teacher, so a crash keeps the rest
 

@@ -4,7 +4,7 @@ For every base (diffusion and, when shipped, flow) it runs ``train ogpo``, ``tra
 (unless ``--methods`` leaves it out) ``train residual`` with the task's presets, then reports per method the
 final success over ``--eval-episodes`` episodes with its 95% Wilson interval, ``env_steps_to_90``,
 ``wall_clock_s`` and the eval curve; and per base the ratio of env steps DPPO and OGPO need to reach the
-same success (the success DPPO has at the budget, and 90%).
+same success (the best success both reach, DPPO's success at the budget, and 90%).
 
     python benchmarks/ogpo_can.py                                   # can, 300k env steps each (hours on 2 cores)
     python benchmarks/ogpo_can.py --task=pointmass --make-bases     # the fast task, poor bases trained here
@@ -58,10 +58,12 @@ def make_poor_bases(task: str, seed: int, root: Path) -> tuple[dict[str, str], P
     if not demos.exists():
         save_dataset(collect_episodes(task, 10, source="scripted", seed=1), demos, env_meta={"env_name": task, "task": task})
     bases = {}
-    for kind in ("diffusion", "flow"):
-        config = BCConfig(task=task, policy=kind, dataset=str(demos), max_steps=300, batch_size=128, hidden_dim=128,
-                          depth=2, n_obs_steps=1, horizon=4, n_action_steps=2, eval_episodes=0, warmup_steps=100,
-                          checkpoint_every=10_000, learning_rate=1e-3, seed=seed)
+    # BC steps per kind chosen so both start poor on pointmass (diffusion ~40%, flow ~30%; flow learns this task
+    # faster: 300 steps already give it 97%).
+    for kind, steps in (("diffusion", 300), ("flow", 180)):
+        config = BCConfig(task=task, policy=kind, dataset=str(demos), max_steps=steps, batch_size=128, hidden_dim=128,
+                          depth=2, n_obs_steps=1, horizon=4, n_action_steps=2, eval_episodes=0,
+                          warmup_steps=min(100, steps // 2), checkpoint_every=10_000, learning_rate=1e-3, seed=seed)
         bases[kind] = train_bc(config, Run.create("bc", task, config, root=root / "runs"), progress=False)["policy_path"]
     return bases, demos
 
@@ -101,10 +103,17 @@ def run_method(method: str, task: str, base: str, budget: int, seed: int, eval_e
 
 
 def compare(ogpo: dict[str, Any], dppo: dict[str, Any], budget: int) -> dict[str, Any]:
-    """Env steps OGPO and DPPO need to reach the same success: DPPO's success at the budget, and 90%. When a
-    method never reaches the level, its steps are reported as '> budget' and the ratio as a lower bound."""
+    """Env steps OGPO and DPPO need to reach the same success: the best success both reach (the lower of the
+    two curves' maxima), DPPO's success at the budget when it is above the base, and 90%. A method that never
+    reaches a level is reported as '> budget', and the ratio as a lower bound."""
+    def best(curve: list[tuple[int, str, float]]) -> float:
+        return max((success for _, label, success in curve if label != "base"), default=0.0)
+
+    levels = {"at_common_best": min(best(ogpo["curve"]), best(dppo["curve"])), "at_90": 0.9}
+    if dppo["base_success"] is None or dppo["final_success"] > dppo["base_success"]:
+        levels["at_dppo_final_success"] = dppo["final_success"]
     out = {}
-    for name, threshold in (("at_dppo_final_success", dppo["final_success"]), ("at_90", 0.9)):
+    for name, threshold in levels.items():
         ogpo_steps, dppo_steps = steps_to(ogpo["curve"], threshold), steps_to(dppo["curve"], threshold)
         entry: dict[str, Any] = {"success": threshold, "ogpo_env_steps": ogpo_steps, "dppo_env_steps": dppo_steps}
         if ogpo_steps and dppo_steps:

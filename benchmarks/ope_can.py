@@ -117,10 +117,12 @@ PD_ZOO = [  # name, kwargs (sim success measured at 60 episodes while choosing t
     ("pd_clean_c4", dict(kp=10.0)),
     ("pd_noise1.0_c4", dict(kp=10.0, noise=1.0)),
     ("pd_noise1.5_c4", dict(kp=10.0, noise=1.5)),
+    ("pd_noise2.0_c4", dict(kp=10.0, noise=2.0)),
     ("pd_noise3.0_c4", dict(kp=10.0, noise=3.0)),
     ("pd_kp1.5_c4", dict(kp=1.5)),
     ("pd_kp0.8_c4", dict(kp=0.8)),
     ("pd_offset2.2cm_c4", dict(kp=10.0, offset=0.022)),
+    ("pd_offset2.6cm_c4", dict(kp=10.0, offset=0.026)),
     ("pd_hold12_c12", dict(kp=10.0, chunk=12)),
 ]
 
@@ -267,17 +269,25 @@ def main(argv: list[str] | None = None) -> int:
         episodes, data = can_logged_data(args.data)
         eval_episodes = args.eval_episodes or 100
 
-    # ground truth: simulation (reusing a stored eval of the same size when the policy folder has one)
-    truth = {}
+    # ground truth: simulation (reusing a stored eval of the same size: `robofinetune eval` output for can, this
+    # script's cache for the pointmass zoo, whose members are fixed by name)
+    truth: dict[str, tuple[int, int]] = {}
+    truth_cache = cache / f"sim_truth_{eval_episodes}.json"
+    cached = json.loads(truth_cache.read_text()) if truth_cache.exists() and args.task == "pointmass" else {}
     for name, policy in zoo.items():
         stored = Path(name) / f"eval_{args.task}_{eval_episodes}.json"
-        if args.task == "can" and stored.exists():
+        if name in cached:
+            truth[name] = tuple(cached[name])
+        elif args.task == "can" and stored.exists():
             report = json.loads(stored.read_text())
             truth[name] = (int(report["successes"]), int(report["episodes"]))
         else:
             result = evaluate_policy(policy, args.task, episodes=eval_episodes, num_envs=args.num_envs,
                                      seed=500_000 + args.seed, progress=False)
             truth[name] = (result.successes, result.episodes)
+            if args.task == "pointmass":
+                cached[name] = list(truth[name])
+                truth_cache.write_text(json.dumps(cached, indent=1))
         print(f"sim  {name:<28} {truth[name][0] / truth[name][1]:6.1%} ({truth[name][0]}/{truth[name][1]})",
               flush=True)
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from robofinetune.algos.distill import (DistillConfig, TeacherTargets, add_distill_parser, build_student,
-                                        distill_command, train_distill)
+from robofinetune.algos.distill import DistillConfig, TeacherTargets, build_student, train_distill
 from robofinetune.errors import ConfigError
 from robofinetune.policies import POLICY_TYPES, Policy, load_policy, save_policy
 from robofinetune.policies.consistency import ConsistencyPolicy
@@ -50,7 +49,7 @@ def test_one_step_output_is_deterministic_given_the_noise(kind):
     assert not torch.equal(first.actions, student.sample(obs, noise=torch.randn(3, 4, 2)).actions)
     # act() executes the teacher's chunking; one network call per chunk
     calls = []
-    student.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    student.denoiser.net.register_forward_hook(lambda *args: calls.append(1))   # the MLP trunk
     assert student.act(obs).shape == (3, 2, 2) and len(calls) == 1
 
 
@@ -87,6 +86,26 @@ def test_student_uses_the_teachers_time_convention():
     with torch.no_grad():
         one_euler_step = teacher.sample(obs, steps=1, noise=noise).actions
         assert torch.allclose(student.sample(obs, noise=noise).actions, one_euler_step, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_cached_time_embedding_equals_the_full_network_and_follows_weight_changes(kind):
+    _, student = toy_student(kind)
+    for parameter in student.denoiser.parameters():
+        parameter.data.add_(0.1 * torch.randn_like(parameter))
+    obs, noise = toy_obs(), torch.randn(3, 4, 2)
+    start = torch.full((3,), student.config.grid[0])
+
+    def full_network():   # the tensor-time path runs MLPDenoiser.forward itself
+        return student.consistency_function(noise, start, student.encode_observation(obs))
+
+    with torch.no_grad():
+        fast = student.consistency_function(noise, student.config.grid[0], student.encode_observation(obs))
+        assert torch.allclose(fast, full_network(), atol=1e-6)
+        for parameter in student.denoiser.time_embedding.parameters():
+            parameter.add_(0.5)
+        changed = student.consistency_function(noise, student.config.grid[0], student.encode_observation(obs))
+        assert torch.allclose(changed, full_network(), atol=1e-6) and not torch.allclose(changed, fast, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "flow"])
@@ -268,25 +287,21 @@ def test_distilled_student_keeps_most_of_the_teachers_success(pointmass_teacher,
     assert results["untrained"] < threshold and results["teacher_ddim_1"] < threshold, results
 
 
-def test_cli_runs_and_resumes(pointmass_teacher, tmp_path):
-    import argparse
+def test_cli_runs_and_resumes(pointmass_teacher, tmp_path, capsys):
+    from robofinetune.cli import main
 
     teacher_path, _ = pointmass_teacher
-    parser = argparse.ArgumentParser()
-    add_distill_parser(parser.add_subparsers(dest="command"))
-    args, extra = parser.parse_known_args(["distill", f"--teacher={teacher_path}", "--steps=2", f"--runs-dir={tmp_path}",
-                                           "--max-steps=20", "--rollout-episodes=0", "--eval-episodes=0",
-                                           "--checkpoint-every=10", "--batch-size=16"])
-    assert distill_command(args, extra) == 0
+    assert main(["distill", f"--teacher={teacher_path}", "--steps=2", f"--runs-dir={tmp_path}", "--max-steps=20",
+                 "--rollout-episodes=0", "--eval-episodes=0", "--checkpoint_every=10", "--batch-size=16"]) == 0
     run = next(tmp_path.iterdir())
     saved = (run / "config.yaml").read_text()
     assert "task: pointmass" in saved and "steps: 2" in saved      # the task came from the teacher
     (run / "config.yaml").write_text(saved.replace("max_steps: 20", "max_steps: 30"))
-    args, extra = parser.parse_known_args(["distill", f"--resume={run}"])
-    assert distill_command(args, extra) == 0
+    assert main(["distill", f"--resume={run}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_steps"] == 30
     assert load_policy(run / "policy").config.inference_steps == 2
-    args, extra = parser.parse_known_args(["distill", "--task=pointmass"])
-    with pytest.raises(ConfigError, match="--teacher"):
-        distill_command(args, extra)
+    assert main(["distill", "--task=pointmass"]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert main(["distill", f"--teacher={teacher_path}", "--batch-size=many", f"--runs-dir={tmp_path}"]) == 2
+    assert "batch_size" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -528,29 +529,41 @@ Config = DistillConfig
 train = train_distill
 
 
+_FIELD_HELP = {"teacher": "teacher policy checkpoint folder (required unless --resume)",
+               "task": "task (default: the teacher's; picks the preset configs/distill/<task>.yaml)",
+               "steps": "consistency steps per chunk the student's act() uses: 1 (default), or 2/4 for quality"}
+
+
+def _option_value(text: str) -> Any:
+    """Option values are read as YAML (numbers, true/false, lists); the config then checks each field's type."""
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
 def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``robofinetune distill``; route it with ``distill_command(args, extra)`` (extra = unknown --key=value)."""
+    """``robofinetune distill``: one option per DistillConfig field; sets ``handler`` (the CLI's convention)."""
     parser = subparsers.add_parser(
         "distill", help="one-step consistency student of a diffusion or flow policy",
-        description="Distil a policy into a one-step consistency student. Any config field (DistillConfig) "
-                    "can be set as --field=value.")
-    parser.add_argument("--teacher", help="teacher policy checkpoint folder (required unless --resume)")
-    parser.add_argument("--task", help="task (default: the teacher's)")
-    parser.add_argument("--steps", type=int, help="consistency steps per chunk the student uses (default 1)")
+        description="Distil a policy into a one-step consistency student. Config: DistillConfig defaults <- "
+                    "configs/distill/<task>.yaml <- --config YAML <- these options.")
     parser.add_argument("--resume", help="continue the run in this folder from its last checkpoint")
     parser.add_argument("--config", help="a YAML of config fields applied after the task preset")
     parser.add_argument("--runs-dir", help="where run folders go (default ./runs)")
+    for item in dataclasses.fields(DistillConfig):
+        spellings = [f"--{item.name.replace('_', '-')}"] + ([f"--{item.name}"] if "_" in item.name else [])
+        parser.add_argument(*spellings, dest=item.name, type=_option_value, default=argparse.SUPPRESS,
+                            help=_FIELD_HELP.get(item.name, f"config field (default {item.default!r})"))
+    parser.set_defaults(handler=command_distill)
     return parser
 
 
-def distill_command(args: argparse.Namespace, extra: list[str]) -> int:
-    from robofinetune.config import config_from_dict, parse_overrides, resolve_config
+def command_distill(args: argparse.Namespace) -> int:
+    from robofinetune.config import config_from_dict, resolve_config
     from robofinetune.policies.checkpoint import read_policy_document
 
-    overrides = parse_overrides(extra)
-    for name in ("teacher", "task", "steps"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
+    overrides = {item.name: getattr(args, item.name) for item in dataclasses.fields(DistillConfig)
+                 if hasattr(args, item.name)}
     if args.resume:
         run = Run.open(args.resume)
         config = config_from_dict(DistillConfig, run.saved_config(), str(run.path / "config.yaml"))
@@ -560,7 +573,7 @@ def distill_command(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         if not overrides.get("teacher"):
             raise ConfigError("distill needs --teacher=PATH (a policy checkpoint folder)")
-        if not overrides.get("task"):  # the task preset is chosen by the task, so take the teacher's first
+        if not overrides.get("task"):  # the task picks the preset, so take the teacher's before resolving
             overrides["task"] = read_policy_document(overrides["teacher"])["config"]["task"]
         config = resolve_config(DistillConfig, "distill", overrides, extra_preset=args.config)
         _check_config(config)

@@ -60,14 +60,14 @@ class GateConfig:
     confidence: float = 0.95          # two-sided level of the reported intervals; the gate uses the lower end
     interval: str = "t"               # t: mean +- t_{H-1} * sd over heads | percentile: quantiles over heads
     gamma: float = 0.99
-    heads: int = 16                   # bootstrap replicates; each is its own Q network
-    hidden_dim: int = 128
+    heads: int = 12                   # bootstrap replicates; each is its own Q network
+    hidden_dim: int = 64
     depth: int = 2                    # hidden layers of each Q network (LayerNorm + ReLU)
     iterations: int = 0               # FQE Bellman iterations; 0: longest episode / chunk + 10 (>= 20)
-    steps_per_iteration: int = 100    # gradient steps fitting each iteration's targets
+    steps_per_iteration: int = 50     # gradient steps fitting each iteration's targets
     batch_size: int = 256             # windows per head per gradient step
     learning_rate: float = 1e-3
-    action_samples: int = 2           # policy chunks drawn per history; the target averages Q over them
+    action_samples: int = 2           # policy chunks drawn per history (1 kept if the policy is deterministic)
     chunk_steps: int = 0              # 0: the length of the chunk the policy's act() returns
     seed: int = 0
     device: str = "auto"              # auto: cuda when present, else cpu
@@ -229,7 +229,8 @@ def policy_chunk_length(policy: Any, windows_histories: dict[str, np.ndarray]) -
 
 def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: int, samples: int, batch: int,
                   seed: int) -> np.ndarray:
-    """(S, samples, chunk_steps * A): what ``policy.act`` executes from each history, ``samples`` draws each.
+    """(S, samples, chunk_steps * A): what ``policy.act`` executes from each history, ``samples`` draws each
+    (one when the policy turns out to be deterministic).
 
     Drawn under a fixed torch seed (without disturbing the caller's generator), so two policies with the same
     weights get the same chunks: an exact tie, which the gate must and does reject.
@@ -251,6 +252,8 @@ def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: in
                                           f"{chunk.shape}, expected (batch, >= {chunk_steps}, action_dim)")
                 out[start: start + len(chunk), sample] = chunk[:, :chunk_steps].reshape(len(chunk), -1)
     policy.train(was_training)
+    if samples > 1 and np.array_equal(out[:, 0], out[:, 1]):
+        return out[:, :1]  # a deterministic policy: more samples would only cost FQE time
     return out
 
 
@@ -454,10 +457,10 @@ def estimate_policy_value(policy: Any, episodes: Sequence[Episode], config: Gate
 
     with torch.no_grad():
         rows = tensor(windows.initial_state, torch.long)
-        first_obs = state_obs[rows].unsqueeze(1).expand(-1, config.action_samples, -1)
-        inputs = torch.cat([first_obs, state_chunks[rows]], dim=-1).reshape(1, len(rows) * config.action_samples, -1)
-        inputs = inputs.expand(heads, -1, -1)
-        initial_values = q(inputs.contiguous()).reshape(heads, len(episodes), config.action_samples).mean(dim=2)
+        samples = state_chunks.shape[1]
+        first_obs = state_obs[rows].unsqueeze(1).expand(-1, samples, -1)
+        inputs = torch.cat([first_obs, state_chunks[rows]], dim=-1).reshape(1, len(rows) * samples, -1)
+        initial_values = q(inputs.expand(heads, -1, -1)).reshape(heads, len(episodes), samples).mean(dim=2)
         initial_values = initial_values.clamp(*windows.value_range).cpu().numpy().astype(np.float64)
     head_values = (initial_values * counts).sum(axis=1) / counts.sum(axis=1)
     return PolicyEstimate(name=name, head_values=head_values, chunk_steps=chunk_steps, n_obs_steps=n_obs_steps,

@@ -20,8 +20,9 @@ Choices, and why:
   state is asked of a copy of the base, so the n-step target bootstraps from the right (s, b).
 - Demo transitions get b by running the base along each demo from its start, as in a rollout.
 - Sizes for a shared 2-core CPU (``benchmarks/residual_throughput.py``): ResFiT's 10 heads of 2 x 1024 cost
-  ~0.5 s per update here (days for 100k steps at UTD 4); 10 heads of 2 x 128 keep the REDQ ensemble at ~15 ms.
-  UTD 2 instead of 4, and the learner updates while the env processes simulate (``VectorRollout.step``).
+  ~0.5 CPU-s per update here (~56 CPU-hours for 100k env steps at UTD 4); 10 heads of 2 x 128 keep the REDQ
+  ensemble at ~20 CPU-ms per update. UTD 2 instead of 4, and the learner updates while the env processes
+  simulate (``VectorRollout.step``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ResidualConfig:
     actor_lr: float = 1e-5
     exploration_noise: float = 0.05
     # critic ensemble. ResFiT: 10 heads of 2 x 1024; on a shared 2-core CPU one such update takes ~0.5 s,
-    # so 10 heads of 2 x 128 (~14 ms of CPU per update at batch 256): same ensemble and REDQ target.
+    # so 10 heads of 2 x 128 (~20 ms of CPU per update at batch 256): same ensemble and REDQ target.
     num_critics: int = 10
     critic_subset: int = 2            # REDQ: target = min over a random subset of this many heads
     critic_hidden_dim: int = 128

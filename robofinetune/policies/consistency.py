@@ -48,7 +48,7 @@ from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConf
 from robofinetune.policies.checkpoint import register_policy
 from robofinetune.policies.diffusion import gaussian_log_prob
 from robofinetune.policies.flow import TIME_SCALE
-from robofinetune.policies.networks import build_denoiser
+from robofinetune.policies.networks import MLPDenoiser, build_denoiser
 
 ODE_KINDS = ("diffusion", "flow")
 
@@ -85,6 +85,8 @@ class ConsistencyPolicy(GenerativePolicy):
                                     timestep_scaling=config.timestep_scaling)
             # not persistent: recomputed from the config, so checkpoints hold only weights and normalisers
             self.register_buffer("alphas_cumprod", self.lcm.alphas_cumprod.clone(), persistent=False)
+        self._coefficients: dict[float, tuple[float, float, float, float]] = {}
+        self._time_embeddings: dict[float, tuple[tuple, torch.Tensor]] = {}
 
     # --- the ODE's noise levels and the consistency function ---------------------------------------------
     def noise_levels(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,20 +108,57 @@ class ConsistencyPolicy(GenerativePolicy):
         """The time input the teacher's network was trained with (integer timesteps, or flow time x 1000)."""
         return times.long() if self.config.ode == "diffusion" else times * TIME_SCALE
 
-    def consistency_function(self, x: torch.Tensor, times: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def consistency_function(self, x: torch.Tensor, times: torch.Tensor | float,
+                             condition: torch.Tensor) -> torch.Tensor:
         """f(x_t, t): the end of the teacher's ODE through x_t, unclipped normalised chunk (B, H, A).
 
-        ``times`` is (B,) in the teacher's convention (diffusion timesteps or flow time in [0, 1])."""
-        out = self.denoiser(x, self.network_time(times), condition)
-        if self.config.ode == "diffusion":
-            if self.config.prediction == "epsilon":
-                alpha, sigma = self.noise_levels(times)
-                predicted_end = (x - sigma * out) / alpha
-            else:
-                predicted_end = out
+        ``times`` is (B,) in the teacher's convention (diffusion timesteps or flow time in [0, 1]), or one
+        float for the whole batch (sampling), whose coefficients are cached as Python numbers."""
+        if isinstance(times, torch.Tensor):
+            alpha, sigma = self.noise_levels(times)
             c_skip, c_out = self.boundary_scalings(times)
+            time_input = times
+        else:
+            alpha, sigma, c_skip, c_out = self.scalar_coefficients(float(times))
+            time_input = torch.full((x.shape[0],), float(times), device=x.device)
+        if not isinstance(times, torch.Tensor) and isinstance(self.denoiser, MLPDenoiser) and not torch.is_grad_enabled():
+            out = self._mlp_with_cached_time(x, float(times), condition)
+        else:
+            out = self.denoiser(x, self.network_time(time_input), condition)
+        if self.config.ode == "diffusion":
+            predicted_end = (x - sigma * out) / alpha if self.config.prediction == "epsilon" else out
             return c_skip * x + c_out * predicted_end
-        return x + (1.0 - times.reshape(-1, 1, 1)) * out
+        return x + sigma * out   # flow: sigma = 1 - t, the rest of the path
+
+    def scalar_coefficients(self, time: float) -> tuple[float, float, float, float]:
+        """(alpha, sigma, c_skip, c_out) at one time, cached: a one-step chunk then costs little beyond the
+        network call (the latency is the point of this policy)."""
+        if time not in self._coefficients:
+            times = torch.tensor([time], device=self.device)
+            alpha, sigma = self.noise_levels(times)
+            c_skip, c_out = self.boundary_scalings(times)
+            self._coefficients[time] = (float(alpha), float(sigma), float(c_skip), float(c_out))
+        return self._coefficients[time]
+
+    def _mlp_with_cached_time(self, x: torch.Tensor, time: float, condition: torch.Tensor) -> torch.Tensor:
+        """MLPDenoiser.forward with the time embedding of a constant sampling time computed once: at batch 1 it
+        is a quarter of the network's cost. The cache key includes the embedding weights' storage and version,
+        so training, loading weights or moving devices recomputes it (tests check it equals the full forward)."""
+        denoiser = self.denoiser
+        weights = tuple((p.data_ptr(), p._version) for p in denoiser.time_embedding.parameters())
+        cached = self._time_embeddings.get(time)
+        if cached is None or cached[0] != weights:
+            times = self.network_time(torch.tensor([time], device=x.device))
+            cached = (weights, denoiser.time_embedding(times))
+            self._time_embeddings[time] = cached
+        batch = x.shape[0]
+        features = torch.cat([x.reshape(batch, -1), cached[1].expand(batch, -1), condition], dim=-1)
+        return denoiser.net(features).reshape(batch, denoiser.horizon, denoiser.action_dim)
+
+    @property
+    def device(self) -> torch.device:
+        # a buffer's device: Policy.device walks every parameter, and act() asks several times per chunk
+        return self.action_normalizer.low.device
 
     def clip_chunk(self, x: torch.Tensor) -> torch.Tensor:
         """Clip a normalised chunk to [-1, 1], as the teacher's sampler does (unless the config says not to)."""
@@ -133,9 +172,6 @@ class ConsistencyPolicy(GenerativePolicy):
                               f"got {steps}")
         return [float(grid[(index * len(grid)) // steps]) for index in range(steps)]
 
-    def _time_batch(self, time: float, batch: int) -> torch.Tensor:
-        return torch.full((batch,), time, device=self.device, dtype=torch.float32)
-
     # --- GenerativePolicy ---------------------------------------------------------------------------------
     def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
                return_chain: bool = False, stochastic: bool = False,
@@ -147,11 +183,11 @@ class ConsistencyPolicy(GenerativePolicy):
         x = noise.to(self.device) if noise is not None else torch.randn(shape, device=self.device, generator=generator)
         chain = [x] if return_chain else None
         for index, time in enumerate(times):
-            end = self.clip_chunk(self.consistency_function(x, self._time_batch(time, batch), condition))
+            end = self.clip_chunk(self.consistency_function(x, time, condition))
             if index + 1 < len(times):
                 # multi-step consistency sampling: go back onto the path at the next (smaller) noise level
-                alpha, sigma = self.noise_levels(self._time_batch(times[index + 1], 1))
-                std = sigma.clamp_min(self.config.chain_min_std) if stochastic else sigma
+                alpha, sigma = self.scalar_coefficients(times[index + 1])[:2]
+                std = max(sigma, self.config.chain_min_std) if stochastic else sigma
                 x = alpha * end + std * torch.randn(shape, device=self.device, generator=generator)
             elif stochastic:
                 x = end + self.config.chain_min_std * torch.randn(shape, device=self.device, generator=generator)
