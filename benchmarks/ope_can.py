@@ -107,11 +107,16 @@ def pointmass_logged_data(cache: Path, seed: int):
     return load_dataset(path, obs_keys=POINTMASS_KEYS)[0], path
 
 
-BC_ZOO = [  # name, policy kind, demos, steps: from barely trained to decent
-    ("bc_flow_d3_s150", "flow", 3, 150),
-    ("bc_flow_d10_s600", "flow", 10, 600),
-    ("bc_diffusion_d30_s1500", "diffusion", 30, 1500),
-    ("bc_flow_d100_s3000", "flow", 100, 3000),
+BC_ZOO = [  # name, policy kind, demos, steps, demo source, keep failed demos: from untrained to perfect
+    ("bc_flow_d3_s150", "flow", 3, 150, "clean", False),
+    ("bc_flow_d10_s600", "flow", 10, 600, "clean", False),
+    ("bc_diffusion_d30_s1500", "diffusion", 30, 1500, "clean", False),
+    ("bc_flow_d100_s3000", "flow", 100, 3000, "clean", False),
+    ("bc_flow_d5_s300", "flow", 5, 300, "clean", False),
+    ("bc_diffusion_d10_s400", "diffusion", 10, 400, "clean", False),
+    ("bc_flow_noisy1.0_d60_s800", "flow", 60, 800, "noise1.0", False),
+    ("bc_flow_noisy1.5all_d100_s800", "flow", 100, 800, "noise1.5", True),
+    ("bc_diffusion_noisy2.0all_d100_s800", "diffusion", 100, 800, "noise2.0", True),
 ]
 PD_ZOO = [  # name, kwargs (sim success measured at 60 episodes while choosing them: 1.0 ... 0.1)
     ("pd_clean_c4", dict(kp=10.0)),
@@ -127,25 +132,35 @@ PD_ZOO = [  # name, kwargs (sim success measured at 60 episodes while choosing t
 ]
 
 
-def pointmass_zoo(cache: Path, seed: int) -> dict[str, Policy]:
+def pointmass_zoo(cache: Path, seed: int, members: str = "all") -> dict[str, Policy]:
+    """``members``: all | pd | bc. BC policies are trained once and kept in ``cache``."""
     from robofinetune.algos.bc import BCConfig, train_bc
     from robofinetune.data.collect import collect_episodes
     from robofinetune.data.io import save_dataset
     from robofinetune.policies import load_policy
     from robofinetune.runs import Run
 
-    zoo: dict[str, Policy] = {name: ChunkedPDPolicy(name, **kwargs) for name, kwargs in PD_ZOO}
-    demos = cache / "bc_demos.hdf5"
-    if not demos.exists():
-        save_dataset(collect_episodes("pointmass", 100, seed=seed * 100_000 + 70_000, progress=False), demos,
-                     env_meta={"env_name": "pointmass", "task": "pointmass", "source": "scripted"})
-    for name, kind, count, steps in BC_ZOO:
+    zoo: dict[str, Policy] = {}
+    if members in ("all", "pd"):
+        zoo.update({name: ChunkedPDPolicy(name, **kwargs) for name, kwargs in PD_ZOO})
+    if members not in ("all", "bc"):
+        return zoo
+    # demo sets for BC (seeds disjoint from the logged mixture's): clean expert, and noisy operators
+    sources = {"clean": 0.0, "noise1.0": 1.0, "noise1.5": 1.5, "noise2.0": 2.0}
+    for name, kind, count, steps, source, keep_failures in BC_ZOO:
+        demos = cache / ("bc_demos.hdf5" if source == "clean" else f"bc_demos_{source}.hdf5")
+        if not demos.exists():
+            offset = 70_000 + 1_000 * list(sources).index(source)
+            save_dataset(collect_episodes("pointmass", 100, noise=sources[source], seed=seed * 100_000 + offset,
+                                          progress=False), demos,
+                         env_meta={"env_name": "pointmass", "task": "pointmass", "source": f"scripted {source}"})
         folder = cache / name
         if not (folder / "policy" / "policy.json").exists():
             config = BCConfig(task="pointmass", policy=kind, dataset=str(demos), num_demos=count, seed=seed,
-                              max_steps=steps, warmup_steps=min(100, steps // 5), hidden_dim=256, depth=2,
-                              batch_size=128, checkpoint_every=10 ** 9, eval_episodes=0, accelerator="cpu")
-            print(f"training {name} ({kind}, {count} demos, {steps} steps)", flush=True)
+                              only_success=not keep_failures, max_steps=steps, warmup_steps=min(100, steps // 5),
+                              hidden_dim=256, depth=2, batch_size=128, checkpoint_every=10 ** 9, eval_episodes=0,
+                              accelerator="cpu")
+            print(f"training {name} ({kind}, {count} {source} demos, {steps} steps)", flush=True)
             run = Run(folder)
             train_bc(config, run, progress=False)
             run.close()
@@ -229,9 +244,47 @@ def pair_figures(names, successes, episodes, estimates, margin, confidence, meth
     return counts
 
 
+def figures(names, truth, estimates, config: GateConfig) -> dict:
+    """Rank agreement and pair decisions of the gate vs the bare mean comparison, over the policies ``names``."""
+    success = np.array([truth[n]["successes"] / truth[n]["episodes"] for n in names])
+    values = np.array([estimates[n].value for n in names])
+    result = {"policies": len(names),
+              "spearman": float(stats.spearmanr(values, success).statistic),
+              "kendall_tau": float(stats.kendalltau(values, success).statistic),
+              "regret_at_1": float(success.max() - success[int(np.argmax(values))]),
+              "ope_top": names[int(np.argmax(values))], "true_top": names[int(np.argmax(success))]}
+    discounted = [truth[n].get("discounted") for n in names]
+    if all(d is not None for d in discounted):
+        # FQE estimates discounted success; this separates its own error from the metric's difference
+        result["spearman_vs_true_discounted_value"] = float(stats.spearmanr(values, discounted).statistic)
+        result["mean_abs_error_vs_true_discounted_value"] = float(np.mean(np.abs(values - np.array(discounted))))
+    successes = {n: truth[n]["successes"] for n in names}
+    trials = {n: truth[n]["episodes"] for n in names}
+    result["pairs"] = pair_figures(names, successes, trials, estimates, config.margin, config.confidence,
+                                   config.interval)
+    result["gate_confidence_sweep"] = {
+        f"{level:g}": {key: sweep["gate"][key] for key in ("false_promotion_rate", "better_promotion_rate")}
+        for level in (0.8, 0.9, 0.99)
+        for sweep in [pair_figures(names, successes, trials, estimates, config.margin, level, config.interval)]}
+    return result
+
+
+def print_figures(label: str, figures_: dict) -> None:
+    print(f"[{label}] {figures_['policies']} policies: spearman {figures_['spearman']:.3f} (target >= 0.8)  "
+          f"regret@1 {figures_['regret_at_1']:.3f}"
+          + (f"  spearman vs true discounted value {figures_['spearman_vs_true_discounted_value']:.3f}"
+             if "spearman_vs_true_discounted_value" in figures_ else ""))
+    for rule in ("gate", "mean_comparison"):
+        r = figures_["pairs"][rule]
+        print(f"    {rule:<16} false promotion {r['worse_promoted']}/{r['worse_pairs']} = "
+              f"{r['false_promotion_rate']:.1%}   better promoted {r['better_promoted']}/{r['better_pairs']} = "
+              f"{r['better_promotion_rate']:.1%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="can", choices=["can", "pointmass"])
+    parser.add_argument("--zoo", default="all", choices=["all", "pd", "bc"], help="pointmass: which policies")
     parser.add_argument("--policies", nargs="*", default=[], help="can: policy folders (default: discover)")
     parser.add_argument("--data", nargs="*", default=[], help="can: logged datasets (default: datasets/can_*noise*)")
     parser.add_argument("--eval-episodes", type=int, default=0, help="sim episodes per policy (default 200 "
@@ -243,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=GateConfig.heads)
     parser.add_argument("--steps-per-iteration", type=int, default=GateConfig.steps_per_iteration)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache", help="where the pointmass zoo and data are kept (default runs/ope_bench_<task>)")
+    parser.add_argument("--cache", help="where the pointmass zoo, data, sim results and FQE estimates are kept "
+                        "(default runs/ope_bench_<task>_seed<seed>)")
     parser.add_argument("--output", help="result file name (default ope_<task>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -255,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache or f"runs/ope_bench_{args.task}_seed{args.seed}")
     cache.mkdir(parents=True, exist_ok=True)
     if args.task == "pointmass":
-        zoo = pointmass_zoo(cache, args.seed)
+        zoo = pointmass_zoo(cache, args.seed, args.zoo)
         episodes, data = pointmass_logged_data(cache, args.seed)
         data = str(data)
         eval_episodes = args.eval_episodes or 200
@@ -268,79 +322,77 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         episodes, data = can_logged_data(args.data)
         eval_episodes = args.eval_episodes or 100
-
-    # ground truth: simulation (reusing a stored eval of the same size: `robofinetune eval` output for can, this
-    # script's cache for the pointmass zoo, whose members are fixed by name)
-    truth: dict[str, tuple[int, int]] = {}
-    truth_cache = cache / f"sim_truth_{eval_episodes}.json"
-    cached = json.loads(truth_cache.read_text()) if truth_cache.exists() and args.task == "pointmass" else {}
-    for name, policy in zoo.items():
-        stored = Path(name) / f"eval_{args.task}_{eval_episodes}.json"
-        if name in cached:
-            truth[name] = tuple(cached[name])
-        elif args.task == "can" and stored.exists():
-            report = json.loads(stored.read_text())
-            truth[name] = (int(report["successes"]), int(report["episodes"]))
-        else:
-            result = evaluate_policy(policy, args.task, episodes=eval_episodes, num_envs=args.num_envs,
-                                     seed=500_000 + args.seed, progress=False)
-            truth[name] = (result.successes, result.episodes)
-            if args.task == "pointmass":
-                cached[name] = list(truth[name])
-                truth_cache.write_text(json.dumps(cached, indent=1))
-        print(f"sim  {name:<28} {truth[name][0] / truth[name][1]:6.1%} ({truth[name][0]}/{truth[name][1]})",
-              flush=True)
-
     config = GateConfig(margin=args.margin, confidence=args.confidence, heads=args.heads,
                         steps_per_iteration=args.steps_per_iteration, seed=args.seed)
+
+    # ground truth from simulation: success (and discounted success, FQE's own target) per policy; cached by
+    # name in the cache folder (the pointmass zoo is fixed by name; can reuses `robofinetune eval` reports too)
+    truth_cache = cache / f"sim_truth_{eval_episodes}_seed{500_000 + args.seed}.json"
+    truth: dict[str, dict] = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
+    for name, policy in zoo.items():
+        stored = Path(name) / f"eval_{args.task}_{eval_episodes}.json"
+        if name not in truth and args.task == "can" and stored.exists():
+            report = json.loads(stored.read_text())
+            truth[name] = {"successes": int(report["successes"]), "episodes": int(report["episodes"])}
+        if name not in truth:
+            result = evaluate_policy(policy, args.task, episodes=eval_episodes, num_envs=args.num_envs,
+                                     seed=500_000 + args.seed, progress=False)
+            discounted = np.mean([config.gamma ** (length - 1) * ok for ok, length in
+                                  zip(result.episode_success, result.episode_length)])
+            truth[name] = {"successes": result.successes, "episodes": result.episodes,
+                           "discounted": float(discounted), "mean_length": result.mean_length}
+            truth_cache.write_text(json.dumps(truth, indent=1))
+        t = truth[name]
+        print(f"sim  {name:<36} {t['successes'] / t['episodes']:6.1%} ({t['successes']}/{t['episodes']})"
+              + (f"  discounted {t['discounted']:.3f}" if t.get("discounted") is not None else ""), flush=True)
+
+    # FQE estimates, cached by the estimate key (same data, same fitting config)
+    from robofinetune.algos.ope import PolicyEstimate, estimate_key
+
+    key = estimate_key(config, episodes)
+    estimate_cache = cache / f"ope_estimates_{key}.json"
+    stored_estimates = json.loads(estimate_cache.read_text()) if estimate_cache.exists() else {}
     estimates = {}
     for name, policy in zoo.items():
-        estimates[name] = estimate_policy_value(policy, episodes, config, name, data)
+        if name in stored_estimates:
+            estimates[name] = PolicyEstimate.from_dict({**stored_estimates[name], "config_key": key})
+        else:
+            estimates[name] = estimate_policy_value(policy, episodes, config, name, data)
+            stored_estimates[name] = estimates[name].to_dict(config.confidence, config.interval)
+            estimate_cache.write_text(json.dumps(stored_estimates, indent=1))
         low, high = estimates[name].interval(config.confidence)
-        print(f"ope  {name:<28} {estimates[name].value:.3f} [{low:.3f}, {high:.3f}]  "
+        print(f"ope  {name:<36} {estimates[name].value:.3f} [{low:.3f}, {high:.3f}]  "
               f"gap {estimates[name].action_gap:.2f}  {estimates[name].seconds:.0f}s", flush=True)
 
     names = list(zoo)
-    success = np.array([truth[n][0] / truth[n][1] for n in names])
-    values = np.array([estimates[n].value for n in names])
-    spearman = float(stats.spearmanr(values, success).statistic)
-    kendall = float(stats.kendalltau(values, success).statistic)
-    regret = float(success.max() - success[int(np.argmax(values))])
-    successes = {n: truth[n][0] for n in names}
-    trials = {n: truth[n][1] for n in names}
-    pairs = pair_figures(names, successes, trials, estimates, config.margin, config.confidence, config.interval)
-    sweep = {f"{level:g}": {rule: {k: pairs_[rule][k] for k in ("false_promotion_rate", "better_promotion_rate")}
-                            for rule in ("gate",)}
-             for level in (0.8, 0.9, 0.99)
-             for pairs_ in [pair_figures(names, successes, trials, estimates, config.margin, level, config.interval)]}
-
+    subsets = {"all": names}
+    if args.task == "pointmass" and args.zoo == "all":
+        subsets["bc"] = [n for n in names if n.startswith("bc_")]
+        subsets["pd"] = [n for n in names if n.startswith("pd_")]
+    results = {label: figures(members, truth, estimates, config) for label, members in subsets.items()}
     result = {
         **provenance(args.seed),
         "task": args.task,
+        "zoo": args.zoo if args.task == "pointmass" else "can checkpoints",
         "estimator": "FQE over action chunks (chunk = each policy's executed chunk), paired episode bootstrap "
                      f"({config.heads} heads), t interval; value = discounted success, gamma {config.gamma}",
         "data": data, "logged_episodes": len(episodes), "logged_steps": int(sum(len(e) for e in episodes)),
         "logged_success_rate": float(np.mean([e.success for e in episodes])),
         "sim_episodes_per_policy": eval_episodes,
         "gate_config": config.to_dict(),
-        "policies": {n: {"true_success": truth[n][0] / truth[n][1],
-                         "true_success_ci": list(success_rate_ci(truth[n][0], truth[n][1])),
+        "policies": {n: {"true_success": truth[n]["successes"] / truth[n]["episodes"],
+                         "true_success_ci": list(success_rate_ci(truth[n]["successes"], truth[n]["episodes"])),
+                         "true_discounted_success": truth[n].get("discounted"),
                          "ope": estimates[n].to_dict(config.confidence, config.interval)} for n in names},
-        "spearman": spearman, "spearman_target": 0.8, "kendall_tau": kendall,
-        "regret_at_1": regret,
-        "ope_top": names[int(np.argmax(values))], "true_top": names[int(np.argmax(success))],
-        "pairs": {"definition": "ordered (candidate, incumbent) pairs whose Newcombe 95% interval of the true "
-                                "success difference excludes 0; 'worse' = candidate truly worse",
-                  **pairs},
-        "false_promotion_target": 0.05,
-        "gate_confidence_sweep": sweep,
+        "pairs_definition": "ordered (candidate, incumbent) pairs whose Newcombe 95% interval of the true success "
+                            "difference excludes 0; false promotion = PROMOTE for a truly worse candidate",
+        "targets": {"spearman": 0.8, "false_promotion_rate": 0.05},
+        **results["all"],
+        "subsets": {label: value for label, value in results.items() if label != "all"},
         "seconds": time.time() - start,
     }
-    print(f"spearman {spearman:.3f} (target >= 0.8)  kendall {kendall:.3f}  regret@1 {regret:.3f}")
-    for rule in ("gate", "mean_comparison"):
-        r = pairs[rule]
-        print(f"{rule:<16} false promotion {r['worse_promoted']}/{r['worse_pairs']} = {r['false_promotion_rate']:.1%}"
-              f"   better promoted {r['better_promoted']}/{r['better_pairs']} = {r['better_promotion_rate']:.1%}")
+    for label, value in results.items():
+        print_figures(label, value)
     write_result(args.output or f"ope_{args.task}.json", result)
     return 0
 

@@ -289,7 +289,7 @@ def test_ogpo_improves_a_poor_base_on_pointmass(poor_base, tmp_path):
     """From a 40-55% base (DDIM-5), 2k env steps of OGPO (critic from scratch, BC on the 10 demos and its own
     successes) reach a success whose 95% interval lies above the base's rate on the same 50 evaluation
     episodes. Evaluations are seeded (env seeds and initial latents), so a no-op replays the base's episodes
-    exactly (next test) and cannot pass. (Measured here: 52% -> 78% [65%, 87%].)"""
+    exactly (next test) and cannot pass. (Measured here: 50% -> 76% [63%, 86%].)"""
     from robofinetune.algos.ogpo import train
     from robofinetune.runs import Run
 

@@ -336,7 +336,16 @@ class PolicyEstimate:
         return {"name": self.name, "value": self.value, "interval": [low, high],
                 "head_values": [float(v) for v in self.head_values], "chunk_steps": self.chunk_steps,
                 "n_obs_steps": self.n_obs_steps, "transitions": self.transitions, "episodes": self.episodes,
-                "action_gap": self.action_gap, "td_error": self.td_error, "seconds": self.seconds}
+                "action_gap": self.action_gap, "td_error": self.td_error, "seconds": self.seconds,
+                "config_key": self.config_key}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PolicyEstimate":
+        return cls(name=data["name"], head_values=np.asarray(data["head_values"], dtype=np.float64),
+                   chunk_steps=int(data["chunk_steps"]), n_obs_steps=int(data["n_obs_steps"]),
+                   transitions=int(data["transitions"]), episodes=int(data["episodes"]),
+                   action_gap=float(data["action_gap"]), td_error=float(data["td_error"]),
+                   seconds=float(data["seconds"]), config_key=data.get("config_key", ""))
 
 
 def head_interval(values: np.ndarray, confidence: float, method: str = "t") -> tuple[float, float]:
@@ -349,11 +358,15 @@ def head_interval(values: np.ndarray, confidence: float, method: str = "t") -> t
     return centre - half, centre + half
 
 
-def _config_key(config: GateConfig, episodes: Sequence[Episode]) -> str:
+def estimate_key(config: GateConfig, episodes: Sequence[Episode]) -> str:
+    """Estimates with equal keys were fitted identically on the same data, so they are paired."""
     fitting = {k: v for k, v in config.to_dict().items() if k not in ("margin", "confidence", "interval", "device",
                                                                        "policy_batch")}
-    lengths = [len(episode) for episode in episodes]
-    return hashlib.sha256(json.dumps([fitting, lengths], sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(fitting, sort_keys=True).encode())
+    for episode in episodes:  # what the fit depends on besides observations: lengths, actions, rewards, ends
+        for array in (episode.actions, episode.rewards, episode.terminals):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -465,7 +478,7 @@ def estimate_policy_value(policy: Any, episodes: Sequence[Episode], config: Gate
     head_values = (initial_values * counts).sum(axis=1) / counts.sum(axis=1)
     return PolicyEstimate(name=name, head_values=head_values, chunk_steps=chunk_steps, n_obs_steps=n_obs_steps,
                           transitions=len(windows), episodes=len(episodes), action_gap=action_gap, td_error=residual,
-                          seconds=time.time() - start, config_key=_config_key(config, episodes))
+                          seconds=time.time() - start, config_key=estimate_key(config, episodes))
 
 
 # --- the decision -------------------------------------------------------------------------------------------------
