@@ -1,5 +1,5 @@
 # One command sets up and runs each job; every target creates the environment it needs.
-#   make train      collect demos (if absent) and train the flagship policy on can
+#   make train      the flagship: residual RL on the shipped weak can base (collects demos if absent)
 #   make test       the fast test suite (~10 min on 2 CPU cores)
 #   make test-slow  the slow tests (robosuite training, long rollouts)
 VENV ?= .venv
@@ -29,7 +29,7 @@ system-deps:
 	else echo "system-deps: run as root on Debian/Ubuntu, or install: $(SYSTEM_PACKAGES)"; fi
 
 train: setup
-	$(BIN)/robofinetune train bc --task=can
+	$(BIN)/robofinetune train residual --task=can
 
 train-bc: setup
 	$(BIN)/robofinetune train bc --task=can

@@ -320,3 +320,20 @@ def test_a_run_that_never_updates_the_actor_replays_the_base_evaluation(poor_bas
     report = json.loads((run.path / "eval.json").read_text())
     assert report["success_rate"] == report["base"]["success"]
     assert report["mean_length"] == report["base"]["mean_length"]
+
+
+def test_gate_flag_promotes_a_best_through_the_gate(poor_base, tmp_path):
+    """`train ogpo --gate`: each periodic eval and the end consult the OPE gate against the current best; with a
+    margin below any possible loss every candidate is promoted, and best/ can then be deployed over the base."""
+    from robofinetune.cli import main
+    from robofinetune.robot.cli import deploy_permission
+
+    base, demos = poor_base
+    runs = tmp_path / "runs"
+    assert main(_cli_args(base, demos, runs, "--total_env_steps=200", "--eval_every=100", "--eval_episodes=2",
+                          "--gate", "--gate_margin=-10", "--gate_iterations=2", "--gate_steps_per_iteration=2")) == 0
+    run = next(runs.iterdir())
+    assert json.loads((run / "summary.json").read_text())["env_steps"] == 200
+    assert json.loads((run / "best" / "gate.json").read_text())["decision"] == "PROMOTE"
+    allowed, why = deploy_permission(run / "best", base, force=False)
+    assert allowed, why

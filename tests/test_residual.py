@@ -213,3 +213,28 @@ def test_training_resets_the_base_at_every_episode_start(pointmass_base, tmp_pat
     for position, entry in enumerate(resets):
         if isinstance(entry, tuple) and entry[1]:
             assert resets[position + 1: position + 1 + len(entry[1])] == entry[1]
+
+
+@pytest.mark.parametrize("margin, promoted", [(10.0, False), (-10.0, True)])
+def test_gated_training_keeps_a_best_only_through_the_gate(pointmass_base, tmp_path, margin, promoted):
+    """--gate: every periodic eval and the end consult the OPE gate; ``best/`` appears only on PROMOTE, and then
+    carries the record that lets ``deploy`` run it against the base. An unreachable margin never promotes, a
+    margin below any possible loss always does."""
+    from robofinetune.robot.cli import deploy_permission
+
+    base_path, dataset = pointmass_base
+    config = tiny_config(base_path, dataset, total_env_steps=160, eval_every=80, gate=True, gate_margin=margin,
+                         gate_iterations=3, gate_steps_per_iteration=3)
+    run = Run.create("residual", "pointmass", config, root=tmp_path)
+    summary = train(config, run)
+    decisions = [m for m in Run.open(run.path).metrics() if "gate/promoted" in m]
+    assert len(decisions) == 2   # the eval at 80 env steps and the final policy
+    assert summary["gate_promotions"] == (2 if promoted else 0)
+    best = run.path / "best"
+    assert (best / "policy.json").exists() == promoted
+    if promoted:
+        # best beat the previous best, which beat the base: the chain of records lets deploy run it over the base
+        allowed, why = deploy_permission(best, base_path, force=False)
+        assert allowed and "2 successive promotions" in why
+        assert json.loads((best / "gate.json").read_text())["decision"] == "PROMOTE"
+        assert len((best / "gate_history.jsonl").read_text().splitlines()) == 2

@@ -150,7 +150,7 @@ def test_deploy_command_writes_the_episode_log_as_a_dataset(ros_master, pointmas
     from robofinetune.data.io import load_dataset
 
     with Twin(LOCKSTEP):
-        code = main(["deploy", f"--robot={LOCKSTEP}", f"--policy={pointmass_policy}", "--episodes=3",
+        code = main(["deploy", f"--robot={LOCKSTEP}", f"--policy={pointmass_policy}", "--episodes=3", "--force",
                      f"--runs-dir={tmp_path}", "--no-status", "--set", "control_rate=50"])
     assert code == 0
     run = next(tmp_path.iterdir())

@@ -150,6 +150,14 @@ class OGPOConfig:
     eval_seed: int = 100_000
     checkpoint_every: int = 5_000
     log_every: int = 1_000
+    # --gate: at each periodic evaluation and at the end, the policy becomes <run>/best only if the OPE gate
+    # (FQE on gate_data, default the demos) promotes it over the current best, at first the base
+    gate: bool = False
+    gate_data: str = ""
+    gate_margin: float = 0.0
+    gate_confidence: float = 0.95
+    gate_iterations: int = 0
+    gate_steps_per_iteration: int = 50
     torch_threads: int = 1
     progress: bool = True
 
@@ -807,6 +815,20 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
                               "torch_rng": torch.get_rng_state()}, buffers)
         save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
 
+    gate = None
+    if config.gate:
+        from robofinetune.algos.ope import GateConfig, TrainingGate
+
+        gate = TrainingGate(run, metadata["base"], config.gate_data or dataset_path, config.task, obs_keys,
+                            GateConfig(margin=config.gate_margin, confidence=config.gate_confidence,
+                                       iterations=config.gate_iterations,
+                                       steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed))
+
+    def periodic_eval() -> None:
+        evaluate(loop, policy, config)
+        if gate is not None:
+            gate.consider(policy, loop.env_steps, metadata)
+
     envs = make_vector_env(config.task, num_envs=config.num_envs, seed=200_000 + 1_000 * config.seed)
     actor = ChunkedActor(VectorRollout(envs), policy, chain_steps, config.gamma)
     try:
@@ -814,15 +836,17 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         loop.start()
         if config.mode == "ogpo":
             _ogpo_loop(config, learner, actor, loop, run, buffers["offline"], buffers["online"], success, gamma_chunk,
-                       save_checkpoint)
+                       save_checkpoint, periodic_eval)
         else:
-            _dppo_loop(config, learner, actor, loop, run, success, save_checkpoint)
+            _dppo_loop(config, learner, actor, loop, run, success, save_checkpoint, periodic_eval)
     finally:
         loop.close()
         actor.rollout.close()
 
     save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
     final = evaluate(loop, policy, config, episodes=config.final_eval_episodes, label="final")
+    if gate is not None:
+        gate.consider(policy, loop.env_steps, metadata)
     save_checkpoint()  # the final evaluation point is part of the curve kept in the checkpoint
     base_point = next((point for point in loop.eval_points if point["label"] == "base"), None)
     run.write_json("eval.json", {**final.to_dict(), "base": base_point})
@@ -876,7 +900,7 @@ class _Stats:
 
 def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, loop: RunLoop, run: Run,
                offline: ReplayBuffer, online: ReplayBuffer, success: SuccessBuffer, gamma_chunk: float,
-               save_checkpoint: Callable[[], None]) -> None:
+               save_checkpoint: Callable[[], None], periodic_eval: Callable[[], None]) -> None:
     stats = _Stats()
     update_debt = 0.0
     window_start, window_steps = time.time(), 0
@@ -916,14 +940,14 @@ def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, lo
             run.log(loop.env_steps, **metrics)
             window_start, window_steps = time.time(), 0
         if loop.due(config.eval_every) and not loop.finished:
-            evaluate(loop, learner.policy, config)
+            periodic_eval()
         if loop.due(config.checkpoint_every) or loop.finished:
             save_checkpoint()
         loop.end_step()
 
 
 def _dppo_loop(config: OGPOConfig, learner: DPPOLearner, actor: ChunkedActor, loop: RunLoop, run: Run,
-               success: SuccessBuffer, save_checkpoint: Callable[[], None]) -> None:
+               success: SuccessBuffer, save_checkpoint: Callable[[], None], periodic_eval: Callable[[], None]) -> None:
     settings = config.dppo
     stats = _Stats()
     window_start, window_steps = time.time(), 0
@@ -941,7 +965,7 @@ def _dppo_loop(config: OGPOConfig, learner: DPPOLearner, actor: ChunkedActor, lo
             window_steps += config.num_envs
             loop.show(vloss=stats.get("ppo/value_loss", 0.0), kl=stats.get("ppo/approx_kl", 0.0))
             if loop.due(config.eval_every) and not loop.finished:
-                evaluate(loop, learner.policy, config)   # the policy does not change within an iteration
+                periodic_eval()   # the policy does not change within an iteration
             checkpoint_due |= loop.due(config.checkpoint_every) or loop.finished
             log_due |= loop.due(config.log_every)
             loop.end_step()

@@ -681,6 +681,48 @@ class CheckpointGate:
         self.incumbent_fingerprint = policy_fingerprint(folder)
 
 
+class TrainingGate:
+    """``--gate`` for training loops: a periodic checkpoint becomes the run's ``best/`` policy only when the OPE gate
+    promotes it over the current best (at first the frozen base), on a fixed logged dataset.
+
+    ``best/`` then carries the PROMOTE record tying its weights to the base's, so ``deploy`` accepts it against
+    that base as incumbent. On resume, the current ``best/`` (if any) is the incumbent again.
+    """
+
+    def __init__(self, run: Any, base_path: str | Path, data: str | Path, task: str, obs_keys: Sequence[str],
+                 config: GateConfig) -> None:
+        from robofinetune.data.io import load_dataset
+
+        self.run = run
+        self.best = Path(run.path) / "best"
+        episodes, _ = load_dataset(data, obs_keys=list(obs_keys), task=task)
+        incumbent = self.best if (self.best / "policy.json").is_file() else Path(base_path)
+        print(f"gate: fitting FQE of the incumbent ({incumbent}) on {data} ({len(episodes)} episodes)", flush=True)
+        self.gate = CheckpointGate(episodes, str(incumbent), config, data=str(data))
+        self.promotions = 0
+
+    def consider(self, policy: Any, env_steps: int, metadata: dict[str, Any] | None = None) -> GateResult:
+        from robofinetune.policies import save_policy
+
+        result = self.gate.consider(policy, name=f"{self.run.path.name} at {env_steps} env steps")
+        low, high = result.gain_interval
+        self.run.log(env_steps, **{"gate/gain": result.gain, "gate/gain_low": low, "gate/gain_high": high,
+                                   "gate/promoted": float(result.promoted)})
+        if result.promoted:
+            # save_policy replaces the folder; the earlier promotions are the chain back to the base, keep them
+            history = self.best / GATE_HISTORY_FILE
+            earlier = history.read_text() if history.exists() else ""
+            save_policy(policy, self.best, {**(metadata or {}), "env_steps": env_steps, "gated": True})
+            if earlier:
+                history.write_text(earlier)
+            result.save(self.best, plot=False)
+            self.gate.promoted_to(self.best)
+            self.promotions += 1
+        print(f"gate at {env_steps} env steps: {result.decision}, gain {result.gain:+.3f} [{low:+.3f}, {high:+.3f}]"
+              + (f" -> {self.best}" if result.promoted else ""), flush=True)
+        return result
+
+
 # --- what deploy checks -------------------------------------------------------------------------------------------
 
 
@@ -726,6 +768,10 @@ def gate_check(candidate_path: str | Path, incumbent_path: str | Path) -> tuple[
     if not records:
         return False, f"{candidate_path}: no gate record ({GATE_FILE}); run `robofinetune gate` first"
     matching = [r for r in records if r.candidate_fingerprint == candidate_fp and r.incumbent_fingerprint == incumbent_fp]
+    chain = _promotion_chain(records, candidate_fp, incumbent_fp)
+    if chain is not None and len(chain) > 1:
+        return True, (f"{candidate_path}: passed the gate against {incumbent_path} through {len(chain)} successive "
+                      f"promotions (last at {chain[0].timestamp})")
     if not matching:
         if not any(r.candidate_fingerprint == candidate_fp for r in records):
             return False, f"{candidate_path}: its weights changed since it was gated"
@@ -734,6 +780,25 @@ def gate_check(candidate_path: str | Path, incumbent_path: str | Path) -> tuple[
     if passed:
         return True, f"{candidate_path}: passed the gate against {incumbent_path} at {passed[-1].timestamp}"
     return False, f"{candidate_path}: the gate against {incumbent_path} said REJECT ({matching[-1].reason})"
+
+
+def _promotion_chain(records: list[GateResult], candidate_fp: str, incumbent_fp: str) -> list[GateResult] | None:
+    """PROMOTE records linking candidate -> ... -> incumbent (a training run's best beat the previous best, which
+    beat the base), or None. Each link is a confident gain of at least the margin, so the chain is one too."""
+    edges: dict[str, list[GateResult]] = {}
+    for record in records:
+        if record.promoted and record.candidate_fingerprint and record.incumbent_fingerprint:
+            edges.setdefault(record.candidate_fingerprint, []).append(record)
+    frontier, seen = [(candidate_fp, [])], {candidate_fp}
+    while frontier:
+        node, path = frontier.pop()
+        for record in edges.get(node, []):
+            if record.incumbent_fingerprint == incumbent_fp:
+                return path + [record]
+            if record.incumbent_fingerprint not in seen:
+                seen.add(record.incumbent_fingerprint)
+                frontier.append((record.incumbent_fingerprint, path + [record]))
+    return None
 
 
 def gate_passed(candidate_path: str | Path, incumbent_path: str | Path) -> bool:

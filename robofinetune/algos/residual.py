@@ -97,6 +97,14 @@ class ResidualConfig:
     eval_seed: int = 100_000
     checkpoint_every: int = 5_000     # also saves both replay buffers, so a crash loses at most this many steps
     log_every: int = 1_000
+    # --gate: at each periodic evaluation and at the end, the policy becomes <run>/best only if the OPE gate
+    # (FQE on gate_data, default the demos) promotes it over the current best, at first the frozen base
+    gate: bool = False
+    gate_data: str = ""
+    gate_margin: float = 0.0
+    gate_confidence: float = 0.95
+    gate_iterations: int = 0          # FQE Bellman iterations (0: automatic, longest episode + 10)
+    gate_steps_per_iteration: int = 50
     torch_threads: int = 1
     progress: bool = True
 
@@ -114,6 +122,7 @@ class ResidualPolicyConfig:
     depth: int = 2
     layer_norm: bool = True
     base_kind: str = ""
+    n_obs_steps: int = 1              # the base's observation history, which act() takes (set from the base)
 
     @property
     def obs_dim(self) -> int:
@@ -165,6 +174,7 @@ class ResidualPolicy(Policy):
         super().__init__()
         if base is None:
             raise CheckpointError("a residual policy needs its base policy (load it with load_policy)")
+        config.n_obs_steps = int(getattr(base.config, "n_obs_steps", 1))
         self.config = config
         self.base = base
         self.base.requires_grad_(False)
@@ -408,6 +418,15 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                               "noise_rng": noise_rng.bit_generator.state}, {"offline": offline, "online": online})
         save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
 
+    gate = None
+    if config.gate:
+        from robofinetune.algos.ope import GateConfig, TrainingGate
+
+        gate = TrainingGate(run, metadata["base"], config.gate_data or dataset_path, config.task, obs_keys,
+                            GateConfig(margin=config.gate_margin, confidence=config.gate_confidence,
+                                       iterations=config.gate_iterations,
+                                       steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed))
+
     envs = make_vector_env(config.task, num_envs=config.num_envs, seed=200_000 + 1_000 * config.seed)
     rollout = VectorRollout(envs)
     stats_sum: dict[str, float] = {}
@@ -484,6 +503,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 window_start, window_steps = time.time(), 0
             if loop.due(config.eval_every) and not loop.finished:
                 loop.evaluate(policy)
+                if gate is not None:
+                    gate.consider(policy, loop.env_steps, metadata)
             if loop.due(config.checkpoint_every) or loop.finished:
                 save_checkpoint()
             loop.end_step()
@@ -493,6 +514,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
     final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
+    if gate is not None:
+        gate.consider(policy, loop.env_steps, metadata)
     save_checkpoint()  # the final evaluation point is part of the curve kept in the checkpoint
     base_point = next((point for point in loop.eval_points if point["label"] == "base"), None)
     run.write_json("eval.json", {**final.to_dict(), "base": base_point})
@@ -508,6 +531,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "episodes": loop.episodes, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates,
         "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
         "success_curve": str(run.path / "success_curve.png"),
+        "gate_promotions": gate.promotions if gate is not None else None,
     }
     run.write_json("summary.json", summary)
     if base_point:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class DeployConfig:
     seed: int = 100_000
     format: str = "robomimic"
     overrides: dict[str, Any] = field(default_factory=dict)
+    incumbent: str | None = None
+    force: bool = False
 
 
 def parse_set_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -63,6 +66,11 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=100_000, help="episode k is reset with seed + k (twin)")
     parser.add_argument("--runs-dir", help="where the run folder goes (default ./runs)")
     parser.add_argument("--any-task", action="store_true", help="skip the checkpoint's task-name check")
+    parser.add_argument("--incumbent", help="the policy the robot runs now (default: the robot YAML's 'incumbent'); "
+                                            "--policy must have passed `robofinetune gate` against it")
+    parser.add_argument("--force", action="store_true",
+                        help="deploy even without a passing gate record against the incumbent (says so, and "
+                             "records it in deploy.json)")
     parser.set_defaults(handler=command_deploy)
     return parser
 
@@ -143,6 +151,28 @@ class _KeyWatcher:
         self.keys.close()
 
 
+def deploy_permission(policy_path: str | Path, incumbent_path: str | Path | None, force: bool) -> tuple[bool, str]:
+    """(allowed, why): hardware time is scarce, so a policy other than the robot's incumbent runs only after the
+    OPE gate promoted exactly these weights over exactly the incumbent's (``robofinetune gate``), or with --force."""
+    from robofinetune.algos.ope import gate_check, policy_fingerprint
+
+    if incumbent_path is None:
+        reason = ("no incumbent policy is set for this robot (--incumbent=PATH or 'incumbent:' in the robot YAML), "
+                  "so the policy cannot have passed a gate against it")
+    elif not (Path(incumbent_path) / "policy.json").is_file():
+        return False, f"incumbent '{incumbent_path}' is not a policy checkpoint (missing policy.json)"
+    elif policy_fingerprint(policy_path) == policy_fingerprint(incumbent_path):
+        return True, f"{policy_path} is the incumbent ({incumbent_path})"
+    else:
+        passed, reason = gate_check(policy_path, incumbent_path)
+        if passed:
+            return True, reason
+    if force:
+        return True, f"--force: deploying without a passing gate ({reason})"
+    return False, (f"refusing to deploy: {reason}. Run `robofinetune gate --candidate={policy_path} "
+                   f"--incumbent={incumbent_path or '<incumbent>'} --data=<logged episodes>`, or pass --force.")
+
+
 def command_deploy(args: argparse.Namespace) -> int:
     from robofinetune.policies import check_policy_matches_env, load_policy
     from robofinetune.robot.config import load_robot_config
@@ -154,9 +184,15 @@ def command_deploy(args: argparse.Namespace) -> int:
 
     overrides = parse_set_overrides(args.set)
     config = load_robot_config(args.robot, overrides)
+    incumbent = args.incumbent or config.incumbent
+    allowed, permission = deploy_permission(args.policy, incumbent, args.force)
+    print(permission, file=sys.stdout if allowed else sys.stderr)
+    if not allowed:
+        return 2
     policy = load_policy(args.policy, task=None if args.any_task else config.task.name)
     deploy_config = DeployConfig(robot=str(args.robot), policy=str(args.policy), episodes=args.episodes,
-                                 seed=args.seed, format=args.format, overrides=overrides)
+                                 seed=args.seed, format=args.format, overrides=overrides,
+                                 incumbent=str(incumbent) if incumbent else None, force=args.force)
     run = Run.create("deploy", config.name, deploy_config, root=args.runs_dir)
     print(f"run folder: {run.path}")
     env = RobotEnv(config)
@@ -177,6 +213,7 @@ def command_deploy(args: argparse.Namespace) -> int:
             watcher.close()
         env.close()
     report = {**result.to_dict(), "robot": config.name, "policy": str(args.policy), "dataset": str(output),
+              "incumbent": str(incumbent) if incumbent else None, "promotion": permission, "forced": permission.startswith("--force"),
               "seed": args.seed, "commit": git_commit(), "machine": machine_description(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (run.path / "deploy.json").write_text(json.dumps(report, indent=2, default=float))

@@ -133,6 +133,8 @@ class RobotConfig:
     teleop: TeleopSpec = field(default_factory=TeleopSpec)
     twin: TwinSpec = field(default_factory=TwinSpec)
     description: str = ""
+    # the policy this robot runs now; `deploy` runs another only if it passed the OPE gate against this one
+    incumbent: Path | None = None
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -498,8 +500,10 @@ def load_robot_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raise reader.error("ros_version", f"must be 1 or 2, got {ros_version}")
     reader.check_unknown()
 
+    incumbent = top.string("incumbent")
     config = RobotConfig(
         name=top.string("name", path.stem),
+        incumbent=(path.parent / incumbent).resolve() if incumbent else None,
         description=top.string("description", ""),
         task=task,
         observations=observations,
