@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     truth_cache = cache / f"sim_truth_{eval_episodes}_seed{500_000 + args.seed}.json"
     truth: dict[str, dict] = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
     for name, policy in zoo.items():
-        stored = Path(name) / f"eval_{args.task}_{eval_episodes}.json"
+        # `robofinetune eval` reports kept with the policy (eval_can_100.json, eval_can_100_seed100000.json, ...)
+        stored = next(iter(sorted(Path(name).glob(f"eval_{args.task}_{eval_episodes}*.json"))), Path("-"))
         if name not in truth and args.task == "can" and stored.exists():
             report = json.loads(stored.read_text())
             truth[name] = {"successes": int(report["successes"]), "episodes": int(report["episodes"])}
