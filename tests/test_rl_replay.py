@@ -124,3 +124,17 @@ def test_state_dict_and_file_round_trip_restore_contents_and_sampling(tmp_path):
     assert np.array_equal(buffer.next_index, restored.next_index)
     with pytest.raises(ValueError):
         ReplayBuffer(3, 1, capacity=8).load(tmp_path / "buffer.npz")
+
+
+def test_a_buffer_that_never_wrapped_restores_into_a_different_capacity():
+    """Resuming a run whose total_env_steps (and so the default capacity) changed keeps its transitions."""
+    small = ReplayBuffer(3, 1, capacity=50, seed=0)
+    for t in range(10):
+        small.add_transitions(np.full((1, 3), t, np.float32), np.zeros((1, 1)), np.zeros(1), np.full((1, 3), t + 1),
+                              np.array([t == 9]), np.array([False]), [0])
+    larger = ReplayBuffer(3, 1, capacity=80, seed=0)
+    larger.load_state_dict(small.state_dict())
+    assert len(larger) == 10 and np.array_equal(larger.obs[:10], small.obs[:10])
+    too_small = ReplayBuffer(3, 1, capacity=5, seed=0)
+    with pytest.raises(ValueError, match="buffer_capacity"):
+        too_small.load_state_dict(small.state_dict())

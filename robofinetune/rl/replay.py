@@ -181,11 +181,14 @@ class ReplayBuffer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (int(state["obs_dim"]), int(state["action_dim"]), int(state["capacity"])) != \
-                (self.obs_dim, self.action_dim, self.capacity):
+        # a different capacity is fine while the saved buffer never wrapped and fits (e.g. a resumed run whose
+        # total_env_steps, and so its default capacity, was changed): rows keep their positions and links
+        fits = int(state["added"]) == int(state["size"]) <= self.capacity
+        if (int(state["obs_dim"]), int(state["action_dim"])) != (self.obs_dim, self.action_dim) or \
+                (int(state["capacity"]) != self.capacity and not fits):
             raise ValueError(f"replay state is for obs_dim {state['obs_dim']}, action_dim {state['action_dim']}, "
-                             f"capacity {state['capacity']}; this buffer has {self.obs_dim}, {self.action_dim}, "
-                             f"{self.capacity}")
+                             f"capacity {state['capacity']} ({state['size']} rows); this buffer has {self.obs_dim}, "
+                             f"{self.action_dim}, {self.capacity} (config field 'buffer_capacity')")
         self.size, self.added = int(state["size"]), int(state["added"])
         for name in self._ARRAYS:
             getattr(self, name)[: self.size] = state[name]
