@@ -50,10 +50,11 @@ from torch import nn
 
 from robofinetune.data.chunks import ActionChunkWindows
 from robofinetune.data.episode import Episode
-from robofinetune.errors import CheckpointError, ConfigError, DatasetError
-from robofinetune.policies import GenerativePolicy, load_policy, save_policy
+from robofinetune.errors import CheckpointError, ConfigError
+from robofinetune.policies import GenerativePolicy, save_policy
 from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
                              flatten_observation, mlp, polyak_update, sample_symmetric)
+from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.runs import Run
 
 
@@ -679,41 +680,18 @@ def dppo_update(learner: DPPOLearner, batch: OnPolicyBatch, success: SuccessBuff
 
 # --- set-up -----------------------------------------------------------------------------------------------
 
-def default_base(task: str) -> Path:
-    from robofinetune.paths import policies_dir
-
-    return policies_dir() / task / "weak_diffusion"
-
-
 def load_base(config: OGPOConfig) -> GenerativePolicy:
-    path = Path(config.base) if config.base else default_base(config.task)
-    if not (path / "policy.json").exists():
-        raise ConfigError(f"base policy '{path}' not found (config field 'base'); train one with "
-                          f"`robofinetune train bc --task={config.task}` and pass --base=<run>/policy")
-    policy = load_policy(path, device="cpu", task=config.task)
+    policy = load_base_policy(config.base, config.task)
     if not isinstance(policy, GenerativePolicy):
-        raise CheckpointError(f"{path}: a '{policy.kind}' policy has no denoising chain; OGPO/DPPO fine-tune "
-                              f"diffusion or flow policies (config field 'base')")
+        raise CheckpointError(f"{base_path(config.base, config.task)}: a '{policy.kind}' policy has no denoising "
+                              f"chain; OGPO/DPPO fine-tune diffusion or flow policies (config field 'base')")
     return policy
 
 
 def load_demos(config: OGPOConfig, obs_keys: list[str]) -> tuple[Path | None, list[Episode]]:
-    if config.num_demos < 0:
+    if config.num_demos < 0:   # fine-tune without demos
         return None, []
-    from robofinetune.algos.bc import default_dataset, ensure_default_dataset
-    from robofinetune.data.io import load_dataset
-
-    path = Path(config.dataset) if config.dataset else default_dataset(config.task)
-    if not config.dataset:
-        ensure_default_dataset(config.task, path)
-    episodes, _ = load_dataset(path, obs_keys=obs_keys)
-    episodes = [episode for episode in episodes if episode.success]
-    if config.num_demos:
-        episodes = episodes[: config.num_demos]
-    if not episodes:
-        raise DatasetError(f"{path}: no successful episodes (config field 'dataset'); pass --num_demos=-1 to "
-                           f"fine-tune without demos")
-    return path, episodes
+    return load_demo_episodes(config.task, config.dataset, obs_keys, config.num_demos, only_success=True)
 
 
 def _check_config(config: OGPOConfig) -> None:
@@ -805,7 +783,7 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         if config.eval_base:
             evaluate(loop, policy, config, episodes=config.final_eval_episodes, label="base")
 
-    metadata = {"task": config.task, "base": str(Path(config.base) if config.base else default_base(config.task)),
+    metadata = {"task": config.task, "base": str(base_path(config.base, config.task)),
                 "base_kind": policy.kind, "mode": config.mode, "dataset": str(dataset_path), "run": str(run.path),
                 "chain_steps": chain_steps,
                 "made_by": f"robofinetune train ogpo --task={config.task} --mode={config.mode}"}
@@ -856,7 +834,7 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         "base_success_ci": base_point["ci"] if base_point else None,
         "final_success": final.success_rate, "final_success_ci": list(final.success_ci),
         "eval_episodes": final.episodes, "env_steps": loop.env_steps,
-        "env_steps_to_90": _steps_reaching(loop, 0.9), "env_steps_to_95": _steps_reaching(loop, 0.95),
+        "env_steps_to_90": loop.first_steps_reaching(0.9), "env_steps_to_95": loop.first_steps_reaching(0.95),
         "episodes": loop.episodes, "train_success": loop.successes / max(loop.episodes, 1),
         "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "chain_steps": chain_steps,
         "policy_path": str(run.path / "policy"), "success_curve": str(run.path / "success_curve.png"),
@@ -984,14 +962,6 @@ def _dppo_loop(config: OGPOConfig, learner: DPPOLearner, actor: ChunkedActor, lo
         if checkpoint_due:
             # Only at iteration boundaries: a resumed run starts a fresh iteration with the updated policy.
             save_checkpoint()
-
-
-def _steps_reaching(loop: RunLoop, threshold: float) -> int | None:
-    """Env steps at the first periodic or final evaluation at or above ``threshold``."""
-    for point in loop.eval_points:
-        if point["label"] in ("eval", "final") and point["success"] >= threshold:
-            return int(point["env_steps"])
-    return None
 
 
 # The CLI looks for these two names in every training method's module.

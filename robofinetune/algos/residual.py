@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from robofinetune.data.episode import Episode
-from robofinetune.errors import CheckpointError, ConfigError, DatasetError
+from robofinetune.errors import CheckpointError, ConfigError
 from robofinetune.policies import load_policy, register_policy, save_policy
 from robofinetune.policies.base import Policy
+from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
                              ensemble_min_target, flatten_observation, mlp, polyak_update, sample_symmetric)
 from robofinetune.runs import Run
@@ -289,38 +290,15 @@ def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: b
 
 # --- data --------------------------------------------------------------------------------------------------
 
-def default_base(task: str) -> Path:
-    from robofinetune.paths import policies_dir
-
-    return policies_dir() / task / "weak_diffusion"
-
-
 def load_base(config: ResidualConfig) -> Policy:
-    path = Path(config.base) if config.base else default_base(config.task)
-    if not (path / "policy.json").exists():
-        raise ConfigError(f"base policy '{path}' not found (config field 'base'); train one with "
-                          f"`robofinetune train bc --task={config.task}` and pass --base=<run>/policy")
-    base = load_policy(path, device="cpu", task=config.task)
+    """The frozen base: any policy the toolkit loads (diffusion, flow, a distilled student)."""
+    base = load_base_policy(config.base, config.task)
     base.requires_grad_(False)
     return base.eval()
 
 
 def load_demos(config: ResidualConfig, obs_keys: list[str]) -> tuple[Path, list[Episode]]:
-    from robofinetune.algos.bc import default_dataset, ensure_default_dataset
-    from robofinetune.data.io import load_dataset
-
-    path = Path(config.dataset) if config.dataset else default_dataset(config.task)
-    if not config.dataset:
-        ensure_default_dataset(config.task, path)
-    episodes, _ = load_dataset(path, obs_keys=obs_keys)
-    if config.only_success_demos:
-        episodes = [episode for episode in episodes if episode.success]
-    if config.num_demos:
-        episodes = episodes[: config.num_demos]
-    if not episodes:
-        raise DatasetError(f"{path}: no {'successful ' if config.only_success_demos else ''}episodes for the offline half "
-                           f"of the replay buffer (config field 'dataset')")
-    return path, episodes
+    return load_demo_episodes(config.task, config.dataset, obs_keys, config.num_demos, config.only_success_demos)
 
 
 @torch.no_grad()
@@ -409,7 +387,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         # zero-initialised residual: this *is* the base policy's success rate
         loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
 
-    metadata = {"task": config.task, "base": str(Path(config.base) if config.base else default_base(config.task)),
+    metadata = {"task": config.task, "base": str(base_path(config.base, config.task)),
                 "dataset": str(dataset_path), "run": str(run.path),
                 "made_by": f"robofinetune train residual --task={config.task}"}
 
@@ -525,8 +503,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "base_success_ci": base_point["ci"] if base_point else None,
         "final_success": final.success_rate, "final_success_ci": list(final.success_ci),
         "eval_episodes": final.episodes, "env_steps": loop.env_steps,
-        "env_steps_to_90": _steps_reaching(loop, 0.9), "env_steps_to_95": _steps_reaching(loop, 0.95),
-        "train_steps_to_90": _train_steps_reaching(loop, 0.9), "train_steps_to_95": _train_steps_reaching(loop, 0.95),
+        "env_steps_to_90": loop.first_steps_reaching(0.9), "env_steps_to_95": loop.first_steps_reaching(0.95),
+        "train_steps_to_90": loop.train_steps_reaching(0.9), "train_steps_to_95": loop.train_steps_reaching(0.95),
         "train_success_last": loop.recent_success_rate if loop.recent_success else None,
         "episodes": loop.episodes, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates,
         "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
@@ -540,24 +518,6 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     print(f"final success {final.success_rate:.1%} [{final.success_ci[0]:.1%}, {final.success_ci[1]:.1%}] over "
           f"{final.episodes} episodes after {loop.env_steps} env steps")
     return summary
-
-
-def _steps_reaching(loop: RunLoop, threshold: float) -> int | None:
-    """Env steps at the first periodic or final evaluation at or above ``threshold``."""
-    for point in loop.eval_points:
-        if point["label"] in ("eval", "final") and point["success"] >= threshold:
-            return int(point["env_steps"])
-    return None
-
-
-def _train_steps_reaching(loop: RunLoop, threshold: float) -> int | None:
-    """Env steps at which the success rate of the last (full window of) training episodes, exploration
-    noise included, first reached ``threshold``: a finer-grained, noisier companion of the evaluations."""
-    window = loop.recent_success.maxlen or 0
-    for steps, rate, episodes in loop.train_points:
-        if episodes >= window and rate >= threshold:
-            return int(steps)
-    return None
 
 
 # The CLI looks for these two names in every training method's module.

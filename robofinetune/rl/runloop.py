@@ -132,11 +132,20 @@ class RunLoop:
         (self._bar.write if self._bar is not None else print)(message)
         return result
 
-    def first_steps_reaching(self, threshold: float, label: str = "eval") -> int | None:
-        """Env steps at the first evaluation whose success rate is >= ``threshold`` (None if none did)."""
+    def first_steps_reaching(self, threshold: float, labels: tuple[str, ...] = ("eval", "final")) -> int | None:
+        """Env steps at the first periodic (or final) evaluation whose success rate is >= ``threshold``."""
         for point in self.eval_points:
-            if point["label"] == label and point["success"] >= threshold:
+            if point["label"] in labels and point["success"] >= threshold:
                 return int(point["env_steps"])
+        return None
+
+    def train_steps_reaching(self, threshold: float) -> int | None:
+        """Env steps at which the success rate of the last (full window of) training episodes, exploration noise
+        included, first reached ``threshold``: a finer-grained, noisier companion of the evaluations."""
+        window = self.recent_success.maxlen or 0
+        for steps, rate, episodes in self.train_points:
+            if episodes >= window and rate >= threshold:
+                return int(steps)
         return None
 
     def write_curve(self, name: str = "success_curve.png") -> Path:
