@@ -55,7 +55,7 @@ def aggregate(records: list[dict]) -> dict:
     }
 
 
-def write(task: str, records: list[dict], config: dict | None) -> None:
+def write(task: str, records: list[dict], config: dict | None, note: str | None = None) -> None:
     best_first = records[0]
     result = {
         **provenance(best_first["seed"]),
@@ -65,6 +65,8 @@ def write(task: str, records: list[dict], config: dict | None) -> None:
         "target": "final_success >= 0.95 over >= 100 episodes within 100k env steps (can)",
         "seeds": records, "spread": aggregate(records), "config": config,
     }
+    if note:
+        result["note"] = note
     result["command"] = " ".join(["python", *sys.argv])
     write_result(f"residual_{task}.json", result)
 
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=None)
     parser.add_argument("--from-runs", nargs="+", help="finished run folders to record instead of training")
     parser.add_argument("--resume", help="finish this killed run (from its last checkpoint), then record it")
+    parser.add_argument("--note", help="what a reader must know about these runs (stored in the result)")
     args, extra = parser.parse_known_args()
     overrides = parse_overrides(extra)
 
@@ -106,7 +109,7 @@ def main() -> None:
             config_record = run.saved_config()
             write(args.task, records, config_record)
     records.sort(key=lambda r: r["seed"])
-    write(args.task, records, config_record)
+    write(args.task, records, config_record, args.note)
     for record in records:
         print(f"seed {record['seed']}: base {record['base_success']:.0%} -> final {record['final_success']:.0%} "
               f"{record['final_success_ci']} ({record['eval_episodes']} ep), to 95%: {record['env_steps_to_95']}, "
