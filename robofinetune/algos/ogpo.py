@@ -793,14 +793,9 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
                               "torch_rng": torch.get_rng_state()}, buffers)
         save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
 
-    gate = None
-    if config.gate:
-        from robofinetune.algos.ope import GateConfig, TrainingGate
+    from robofinetune.algos.ope import training_gate   # here, not at import: keeps scipy out of `--help` and tests
 
-        gate = TrainingGate(run, metadata["base"], config.gate_data or dataset_path, config.task, obs_keys,
-                            GateConfig(margin=config.gate_margin, confidence=config.gate_confidence,
-                                       iterations=config.gate_iterations,
-                                       steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed))
+    gate = training_gate(config, run, metadata["base"], dataset_path, obs_keys)
 
     def periodic_eval() -> None:
         evaluate(loop, policy, config)

@@ -723,6 +723,18 @@ class TrainingGate:
         return result
 
 
+def training_gate(config: Any, run: Any, base_path: str | Path, dataset: str | Path,
+                  obs_keys: Sequence[str]) -> TrainingGate | None:
+    """The gate a training config asks for through its ``gate*`` fields (residual and ogpo share them), or None
+    without ``--gate``. ``gate_data`` defaults to ``dataset``, the run's demos."""
+    if not config.gate:
+        return None
+    return TrainingGate(run, base_path, config.gate_data or dataset, config.task, obs_keys,
+                        GateConfig(margin=config.gate_margin, confidence=config.gate_confidence,
+                                   iterations=config.gate_iterations,
+                                   steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed))
+
+
 # --- what deploy checks -------------------------------------------------------------------------------------------
 
 
@@ -767,18 +779,17 @@ def gate_check(candidate_path: str | Path, incumbent_path: str | Path) -> tuple[
     records = gate_records(candidate_path)
     if not records:
         return False, f"{candidate_path}: no gate record ({GATE_FILE}); run `robofinetune gate` first"
-    matching = [r for r in records if r.candidate_fingerprint == candidate_fp and r.incumbent_fingerprint == incumbent_fp]
-    chain = _promotion_chain(records, candidate_fp, incumbent_fp)
-    if chain is not None and len(chain) > 1:
+    chain = _promotion_chain(records, candidate_fp, incumbent_fp)   # a direct PROMOTE is a chain of one
+    if chain is not None and len(chain) == 1:
+        return True, f"{candidate_path}: passed the gate against {incumbent_path} at {chain[0].timestamp}"
+    if chain is not None:
         return True, (f"{candidate_path}: passed the gate against {incumbent_path} through {len(chain)} successive "
                       f"promotions (last at {chain[0].timestamp})")
+    matching = [r for r in records if r.candidate_fingerprint == candidate_fp and r.incumbent_fingerprint == incumbent_fp]
     if not matching:
         if not any(r.candidate_fingerprint == candidate_fp for r in records):
             return False, f"{candidate_path}: its weights changed since it was gated"
         return False, f"{candidate_path}: gated, but never against the weights now in {incumbent_path}"
-    passed = [r for r in matching if r.promoted]
-    if passed:
-        return True, f"{candidate_path}: passed the gate against {incumbent_path} at {passed[-1].timestamp}"
     return False, f"{candidate_path}: the gate against {incumbent_path} said REJECT ({matching[-1].reason})"
 
 
