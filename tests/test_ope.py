@@ -4,6 +4,7 @@ gate's behaviour on tied and better candidates, data checks, the gate record dep
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ from robofinetune.algos.ope import (PROMOTE, REJECT, CheckpointGate, GateConfig,
                                     gate_policies, head_interval, policy_fingerprint)
 from robofinetune.data.episode import Episode
 from robofinetune.errors import ConfigError, DatasetError
+from robofinetune.policies import save_policy
 from robofinetune.policies.base import Policy, PolicyConfig
+from robofinetune.robot.cli import deploy_permission
 
 # --- a chain MDP whose values are known in closed form ------------------------------------------------------------
 #
@@ -297,9 +300,16 @@ TINY_FLAGS = ["--heads=3", "--hidden-dim=16", "--depth=1", "--iterations=2", "--
               "--batch-size=16", "--action-samples=1"]
 
 
-def test_gate_record_ties_candidate_and_incumbent_weights(tmp_path):
-    from robofinetune.policies import save_policy
+def _record(candidate: Path, incumbent: Path, decision: str, plot: bool = False) -> None:
+    """A gate record as `robofinetune gate` writes it, tying ``candidate`` to ``incumbent``'s weights."""
+    GateResult(decision=decision, reason="recorded by the test", candidate=str(candidate), incumbent=str(incumbent),
+               data="d", candidate_value=0.5, candidate_interval=(0.4, 0.6), incumbent_value=0.2,
+               incumbent_interval=(0.1, 0.3), gain=0.3, gain_interval=(0.2, 0.4), margin=0.0, confidence=0.95,
+               candidate_heads=[0.5, 0.6], incumbent_heads=[0.2, 0.1],
+               incumbent_fingerprint=policy_fingerprint(incumbent)).save(candidate, plot=plot)
 
+
+def test_gate_record_ties_candidate_and_incumbent_weights(tmp_path):
     candidate, incumbent, other = tmp_path / "candidate", tmp_path / "incumbent", tmp_path / "other"
     save_policy(_flow_policy(0), candidate)
     save_policy(_flow_policy(1), incumbent)
@@ -307,12 +317,7 @@ def test_gate_record_ties_candidate_and_incumbent_weights(tmp_path):
     assert not gate_passed(candidate, incumbent)
     assert "no gate record" in gate_check(candidate, incumbent)[1]
 
-    result = GateResult(decision=PROMOTE, reason="test", candidate=str(candidate), incumbent=str(incumbent),
-                        data="d", candidate_value=0.5, candidate_interval=(0.4, 0.6), incumbent_value=0.2,
-                        incumbent_interval=(0.1, 0.3), gain=0.3, gain_interval=(0.2, 0.4), margin=0.0,
-                        confidence=0.95, candidate_heads=[0.5, 0.6], incumbent_heads=[0.2, 0.1],
-                        incumbent_fingerprint=policy_fingerprint(incumbent))
-    result.save(candidate)
+    _record(candidate, incumbent, PROMOTE, plot=True)
     assert (candidate / "gate.json").exists() and (candidate / "gate.png").exists()
     assert gate_passed(candidate, incumbent)
     assert not gate_passed(candidate, other)
@@ -329,8 +334,6 @@ def test_gate_command_end_to_end(tmp_path, capsys):
 
     from robofinetune.algos.ope_cli import add_gate_parser, command_gate
     from robofinetune.data.io import save_dataset
-    from robofinetune.policies import save_policy
-
     data = save_dataset(_pointmass_like_episodes(), tmp_path / "logged.hdf5")
     candidate, incumbent = tmp_path / "candidate", tmp_path / "incumbent"
     save_policy(_flow_policy(0), candidate)
@@ -356,3 +359,57 @@ def test_gate_command_end_to_end(tmp_path, capsys):
                               *TINY_FLAGS])
     with pytest.raises(DatasetError, match="agent_pos"):
         command_gate(args)
+
+
+# --- deploy refuses a policy that has not passed the gate against the robot's incumbent, unless --force ----------
+# (the refusal happens before any ROS connection, so these need no roscore)
+
+@pytest.fixture
+def policies(tmp_path):
+    candidate, incumbent = tmp_path / "candidate", tmp_path / "incumbent"
+    save_policy(_flow_policy(0), candidate)
+    save_policy(_flow_policy(1), incumbent)
+    return candidate, incumbent
+
+
+def test_no_incumbent_refuses_unless_forced(policies):
+    candidate, _ = policies
+    allowed, why = deploy_permission(candidate, None, force=False)
+    assert not allowed and "no incumbent" in why and "--force" in why
+    allowed, why = deploy_permission(candidate, None, force=True)
+    assert allowed and why.startswith("--force")
+
+
+def test_the_incumbent_itself_may_run(policies, tmp_path):
+    _, incumbent = policies
+    copy = tmp_path / "copy_of_incumbent"
+    shutil.copytree(incumbent, copy)   # same weights elsewhere: still the incumbent
+    allowed, why = deploy_permission(copy, incumbent, force=False)
+    assert allowed and "is the incumbent" in why
+
+
+def test_ungated_and_rejected_candidates_are_refused_and_promoted_ones_run(policies):
+    candidate, incumbent = policies
+    allowed, why = deploy_permission(candidate, incumbent, force=False)
+    assert not allowed and "no gate record" in why and "robofinetune gate" in why
+    _record(candidate, incumbent, REJECT)
+    allowed, why = deploy_permission(candidate, incumbent, force=False)
+    assert not allowed and "REJECT" in why
+    _record(candidate, incumbent, PROMOTE)
+    allowed, why = deploy_permission(candidate, incumbent, force=False)
+    assert allowed and "passed the gate" in why
+    save_policy(_flow_policy(5), candidate)   # retrained after the gate: the record no longer covers it
+    assert not deploy_permission(candidate, incumbent, force=False)[0]
+    assert deploy_permission(candidate, incumbent, force=True)[0]
+
+
+def test_deploy_command_refuses_before_touching_the_robot(capsys):
+    from robofinetune.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    # can_twin.yaml names strong_diffusion as its incumbent; the weak base has no gate record against it
+    code = main(["deploy", "--robot=" + str(repo / "real_robot" / "can_twin.yaml"),
+                 "--policy=" + str(repo / "policies" / "can" / "weak_diffusion"), "--episodes=1", "--no-status"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refusing to deploy" in err and "weak_diffusion" in err and "strong_diffusion" in err
