@@ -157,6 +157,7 @@ def test_deploy_command_writes_the_episode_log_as_a_dataset(ros_master, pointmas
     report = json.loads((run / "deploy.json").read_text())
     assert report["episodes"] == 3 and report["successes"] >= 2
     assert report["latency_ms"]["p50"] is not None and report["rate_hz_mean"] > 0
+    assert report["forced"] is True   # the twin has no incumbent, so only --force let it run
     episodes, env_meta = load_dataset(run / "episodes.hdf5")
     assert len(episodes) == 3 and env_meta["task"] == "pointmass" and env_meta["robot"] == "pointmass_twin"
     assert [e.success for e in episodes] == [o["success"] for o in report["per_episode"]]

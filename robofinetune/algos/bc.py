@@ -7,14 +7,11 @@
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -22,6 +19,7 @@ from robofinetune.data.chunks import ActionChunkWindows, RandomBatches
 from robofinetune.errors import ConfigError
 from robofinetune.policies import POLICY_TYPES, GenerativePolicy, save_policy
 from robofinetune.runs import Run
+from robofinetune.supervised import RunMetrics, export_and_evaluate, fit, warmup_cosine_optimizer
 
 
 @dataclass
@@ -78,38 +76,11 @@ class BCModule(L.LightningModule):
         self.ema.update_parameters(self.policy)
 
     def configure_optimizers(self):
-        config = self.bc_config
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < config.warmup_steps:
-                return (step + 1) / config.warmup_steps
-            progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+        return warmup_cosine_optimizer(self.policy.parameters(), self.bc_config)
 
     @property
     def ema_policy(self) -> GenerativePolicy:
         return self.ema.module
-
-
-class RunMetrics(L.Callback):
-    """Mirrors the progress-bar metrics to the run's JSONL and exports the EMA policy at every checkpoint."""
-
-    def __init__(self, run: Run, config: BCConfig, metadata: dict[str, Any]) -> None:
-        self.run, self.config, self.metadata = run, config, metadata
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: BCModule, outputs: Any, batch: Any, index: int) -> None:
-        step = trainer.global_step
-        if trainer.is_global_zero and step % self.config.log_every == 0:
-            loss = trainer.callback_metrics.get("train/loss")
-            if loss is not None:
-                self.run.log(step, **{"train/loss": float(loss), "train/lr": trainer.optimizers[0].param_groups[0]["lr"]})
-        if trainer.is_global_zero and step % self.config.checkpoint_every == 0 and step > 0:
-            save_policy(module.ema_policy, self.run.path / "policy", {**self.metadata, "train_steps": step})
 
 
 def default_dataset(task: str) -> Path:
@@ -175,36 +146,14 @@ def train_bc(config: BCConfig, run: Run, resume: bool = False, progress: bool = 
     batches_per_epoch = max(1, min(1000, len(windows) // config.batch_size))
     loader = torch.utils.data.DataLoader(RandomBatches(windows, config.batch_size, batches_per_epoch, config.seed),
                                          batch_size=None)
-    checkpointing = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.checkpoints, every_n_train_steps=config.checkpoint_every,
-                                                        save_last=True, save_top_k=-1, filename="step{step:06d}",
-                                                        auto_insert_metric_name=False)
-    trainer = L.Trainer(max_steps=config.max_steps, accelerator=config.accelerator, devices=config.devices,
-                        num_nodes=config.num_nodes, logger=L.pytorch.loggers.TensorBoardLogger(run.path, name="tensorboard"),
-                        callbacks=[checkpointing, RunMetrics(run, config, metadata)], enable_progress_bar=progress,
-                        enable_model_summary=False, log_every_n_steps=config.log_every, num_sanity_val_steps=0,
-                        max_epochs=-1, deterministic=False)
-    last = run.checkpoints / "last.ckpt"
-    start = time.time()
-    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
-    train_seconds = time.time() - start
+    metrics = RunMetrics(run, config, metadata, ("train/loss",), lambda module: module.ema_policy)
+    trainer, train_seconds = fit(module, loader, run, config, metrics, resume, progress)
     summary: dict[str, Any] = {"task": config.task, "policy": config.policy, "demos": len(episodes),
                                "train_steps": trainer.global_step, "train_seconds": train_seconds,
                                "policy_path": str(run.path / "policy")}
     if not trainer.is_global_zero:
         return summary
-    final_policy = module.ema_policy.eval()
-    save_policy(final_policy, run.path / "policy", {**metadata, "train_steps": trainer.global_step,
-                                                    "train_seconds": train_seconds})
-    if config.eval_episodes > 0:
-        from robofinetune.eval import evaluate_policy
-
-        result = evaluate_policy(final_policy.cpu(), config.task, episodes=config.eval_episodes,
-                                 num_envs=config.eval_envs, progress=progress)
-        run.write_json("eval.json", result.to_dict())
-        summary.update(success=result.success_rate, success_ci=list(result.success_ci),
-                       eval_episodes=result.episodes, eval_summary=result.summary())
-    run.write_json("summary.json", summary)
-    return summary
+    return export_and_evaluate(module.ema_policy.eval(), run, config, metadata, summary, progress)
 
 
 # The CLI looks for these two names in every training method's module.

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,10 +48,11 @@ from tqdm.auto import tqdm
 from robofinetune.data.chunks import ActionChunkWindows
 from robofinetune.data.episode import Episode
 from robofinetune.errors import ConfigError, DatasetError
-from robofinetune.policies import GenerativePolicy, Policy, load_policy, save_policy
+from robofinetune.policies import GenerativePolicy, Policy, load_policy
 from robofinetune.policies.base import ChainSample
 from robofinetune.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
 from robofinetune.runs import Run
+from robofinetune.supervised import RunMetrics, export_and_evaluate, fit, warmup_cosine_optimizer
 
 ROLLOUTS_FILE = "teacher_rollouts.hdf5"
 
@@ -387,40 +387,11 @@ class DistillModule(L.LightningModule):
         self.ema.update_parameters(self.student)
 
     def configure_optimizers(self):
-        config = self.distill_config
-        optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < config.warmup_steps:
-                return (step + 1) / config.warmup_steps
-            progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+        return warmup_cosine_optimizer(self.student.parameters(), self.distill_config)
 
     @property
     def ema_student(self) -> ConsistencyPolicy:
         return self.ema.module
-
-
-class RunMetrics(L.Callback):
-    """Mirrors the progress-bar metrics to the run's JSONL and exports the EMA student at every checkpoint."""
-
-    def __init__(self, run: Run, config: DistillConfig, metadata: dict[str, Any]) -> None:
-        self.run, self.config, self.metadata = run, config, metadata
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: DistillModule, outputs: Any, batch: Any,
-                           index: int) -> None:
-        step = trainer.global_step
-        if trainer.is_global_zero and step % self.config.log_every == 0:
-            metrics = {name: float(trainer.callback_metrics[name])
-                       for name in ("train/loss", "train/one_step_mse") if name in trainer.callback_metrics}
-            if metrics:
-                self.run.log(step, **metrics, **{"train/lr": trainer.optimizers[0].param_groups[0]["lr"]})
-        if trainer.is_global_zero and step % self.config.checkpoint_every == 0 and step > 0:
-            save_policy(module.ema_student, self.run.path / "policy", {**self.metadata, "train_steps": step})
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -489,19 +460,9 @@ def train_distill(config: DistillConfig, run: Run, resume: bool = False, progres
     batches_per_epoch = max(1, min(1000, sum(state_counts.values()) // config.batch_size))
     loader = torch.utils.data.DataLoader(MixedStateBatches(sources, config.batch_size, batches_per_epoch, config.seed),
                                          batch_size=None)
-    checkpointing = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.checkpoints, every_n_train_steps=config.checkpoint_every,
-                                                        save_last=True, save_top_k=-1, filename="step{step:06d}",
-                                                        auto_insert_metric_name=False)
-    trainer = L.Trainer(max_steps=config.max_steps, accelerator=config.accelerator, devices=config.devices,
-                        num_nodes=config.num_nodes,
-                        logger=L.pytorch.loggers.TensorBoardLogger(run.path, name="tensorboard"),
-                        callbacks=[checkpointing, RunMetrics(run, config, metadata)], enable_progress_bar=progress,
-                        enable_model_summary=False, log_every_n_steps=config.log_every, num_sanity_val_steps=0,
-                        max_epochs=-1, deterministic=False)
-    last = run.checkpoints / "last.ckpt"
-    start = time.time()
-    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
-    train_seconds = time.time() - start
+    metrics = RunMetrics(run, config, metadata, ("train/loss", "train/one_step_mse"),
+                         lambda module: module.ema_student)
+    trainer, train_seconds = fit(module, loader, run, config, metrics, resume, progress)
     summary: dict[str, Any] = {"task": config.task, "teacher": str(config.teacher), "teacher_kind": teacher.kind,
                                "student_steps": config.steps, "train_steps": trainer.global_step,
                                "train_seconds": train_seconds, "training_states": state_counts,
@@ -509,19 +470,7 @@ def train_distill(config: DistillConfig, run: Run, resume: bool = False, progres
                                "policy_path": str(run.path / "policy")}
     if not trainer.is_global_zero:
         return summary
-    final_student = module.ema_student.eval()
-    save_policy(final_student, run.path / "policy", {**metadata, "train_steps": trainer.global_step,
-                                                     "train_seconds": train_seconds})
-    if config.eval_episodes > 0:
-        from robofinetune.eval import evaluate_policy
-
-        result = evaluate_policy(final_student.cpu(), config.task, episodes=config.eval_episodes,
-                                 num_envs=config.eval_envs, progress=progress)
-        run.write_json("eval.json", result.to_dict())
-        summary.update(success=result.success_rate, success_ci=list(result.success_ci),
-                       eval_episodes=result.episodes, eval_summary=result.summary())
-    run.write_json("summary.json", summary)
-    return summary
+    return export_and_evaluate(module.ema_student.eval(), run, config, metadata, summary, progress)
 
 
 # The CLI's `train` command looks for these two names in every training method's module.

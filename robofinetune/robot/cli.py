@@ -189,6 +189,8 @@ def command_deploy(args: argparse.Namespace) -> int:
     print(permission, file=sys.stdout if allowed else sys.stderr)
     if not allowed:
         return 2
+    # recorded so a later reader of deploy.json sees that this run bypassed the gate
+    forced = args.force and not deploy_permission(args.policy, incumbent, force=False)[0]
     policy = load_policy(args.policy, task=None if args.any_task else config.task.name)
     deploy_config = DeployConfig(robot=str(args.robot), policy=str(args.policy), episodes=args.episodes,
                                  seed=args.seed, format=args.format, overrides=overrides,
@@ -213,7 +215,7 @@ def command_deploy(args: argparse.Namespace) -> int:
             watcher.close()
         env.close()
     report = {**result.to_dict(), "robot": config.name, "policy": str(args.policy), "dataset": str(output),
-              "incumbent": str(incumbent) if incumbent else None, "promotion": permission, "forced": permission.startswith("--force"),
+              "incumbent": str(incumbent) if incumbent else None, "promotion": permission, "forced": forced,
               "seed": args.seed, "commit": git_commit(), "machine": machine_description(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (run.path / "deploy.json").write_text(json.dumps(report, indent=2, default=float))
