@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.0)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--heads", type=int, default=GateConfig.heads)
+    parser.add_argument("--gamma", type=float, default=GateConfig.gamma, help="FQE discount: the estimate is the "
+                        "gamma-discounted success; closer to 1 ranks by success alone, further from 1 rewards speed")
     parser.add_argument("--steps-per-iteration", type=int, default=GateConfig.steps_per_iteration)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="where the pointmass zoo, data, sim results and FQE estimates are kept "
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         episodes, data = can_logged_data(args.data)
         eval_episodes = args.eval_episodes or 100
-    config = GateConfig(margin=args.margin, confidence=args.confidence, heads=args.heads,
+    config = GateConfig(margin=args.margin, confidence=args.confidence, heads=args.heads, gamma=args.gamma,
                         steps_per_iteration=args.steps_per_iteration, seed=args.seed)
 
     # ground truth from simulation: success (and discounted success, FQE's own target) per policy; cached by
@@ -334,16 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         stored = next(iter(sorted(Path(name).glob(f"eval_{args.task}_{eval_episodes}*.json"))), Path("-"))
         if name not in truth and args.task == "can" and stored.exists():
             report = json.loads(stored.read_text())
-            truth[name] = {"successes": int(report["successes"]), "episodes": int(report["episodes"])}
+            truth[name] = {"successes": int(report["successes"]), "episodes": int(report["episodes"]),
+                           "success_lengths": [int(length) for ok, length in
+                                               zip(report.get("episode_success", []), report.get("episode_length", []))
+                                               if ok], "source": str(stored)}
         if name not in truth:
             result = evaluate_policy(policy, args.task, episodes=eval_episodes, num_envs=args.num_envs,
                                      seed=500_000 + args.seed, progress=False)
-            discounted = np.mean([config.gamma ** (length - 1) * ok for ok, length in
-                                  zip(result.episode_success, result.episode_length)])
             truth[name] = {"successes": result.successes, "episodes": result.episodes,
-                           "discounted": float(discounted), "mean_length": result.mean_length}
+                           "success_lengths": [int(length) for ok, length in
+                                               zip(result.episode_success, result.episode_length) if ok],
+                           "mean_length": result.mean_length, "source": f"sim, seeds {500_000 + args.seed}+"}
             truth_cache.write_text(json.dumps(truth, indent=1))
         t = truth[name]
+        # discounted success (FQE's own target) from the successful episodes' lengths, for this run's gamma
+        if len(t.get("success_lengths", [])) == t["successes"]:
+            t["discounted"] = float(sum(config.gamma ** (length - 1) for length in t["success_lengths"]) / t["episodes"])
         print(f"sim  {name:<36} {t['successes'] / t['episodes']:6.1%} ({t['successes']}/{t['episodes']})"
               + (f"  discounted {t['discounted']:.3f}" if t.get("discounted") is not None else ""), flush=True)
 

@@ -54,6 +54,7 @@ from robofinetune.errors import CheckpointError, ConfigError
 from robofinetune.policies import GenerativePolicy, save_policy
 from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
                              flatten_observation, mlp, polyak_update, sample_symmetric)
+from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.runs import Run
 
@@ -441,8 +442,11 @@ def demo_chunk_transitions(episode: Episode, policy: GenerativePolicy, gamma: fl
 
 # --- learners and update steps ---------------------------------------------------------------------------------
 
-class OGPOLearner(nn.Module):
+class OGPOLearner(CheckpointedLearner):
     """The policy (all weights trained), the critic ensemble and its target, optimisers."""
+
+    optimizers = ("actor_optimizer", "critic_optimizer")
+    counters = ("critic_updates", "actor_rounds")
 
     def __init__(self, config: OGPOConfig, policy: GenerativePolicy, chain_steps: int) -> None:
         super().__init__()
@@ -457,18 +461,6 @@ class OGPOLearner(nn.Module):
         self.generator = torch.Generator().manual_seed(config.seed)
         self.critic_updates = 0
         self.actor_rounds = 0
-
-    def learner_state(self) -> dict[str, Any]:
-        return {"networks": self.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "generator": self.generator.get_state(),
-                "critic_updates": self.critic_updates, "actor_rounds": self.actor_rounds}
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["networks"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.generator.set_state(state["generator"])
-        self.critic_updates, self.actor_rounds = state["critic_updates"], state["actor_rounds"]
 
 
 def mean_next_value(learner: OGPOLearner, next_obs: torch.Tensor) -> torch.Tensor:
@@ -564,7 +556,12 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
 
 # --- DPPO: value critic, GAE over chunk transitions, PPO over the last denoising steps -------------------------
 
-class DPPOLearner(nn.Module):
+class DPPOLearner(CheckpointedLearner):
+    """The policy (all weights trained), the state-value critic, optimisers."""
+
+    optimizers = ("actor_optimizer", "value_optimizer")
+    counters = ("iterations",)
+
     def __init__(self, config: OGPOConfig, policy: GenerativePolicy, chain_steps: int) -> None:
         super().__init__()
         settings = config.dppo
@@ -578,18 +575,6 @@ class DPPOLearner(nn.Module):
 
     def values(self, flat_obs: torch.Tensor) -> torch.Tensor:
         return self.value(critic_observation(flat_obs, self.policy)).squeeze(-1)
-
-    def learner_state(self) -> dict[str, Any]:
-        return {"networks": self.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "value_optimizer": self.value_optimizer.state_dict(), "generator": self.generator.get_state(),
-                "iterations": self.iterations}
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["networks"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
-        self.generator.set_state(state["generator"])
-        self.iterations = state["iterations"]
 
 
 def generalized_advantage(reward: np.ndarray, discount: np.ndarray, value: np.ndarray, next_value: np.ndarray,

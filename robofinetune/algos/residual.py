@@ -41,6 +41,7 @@ from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError
 from robofinetune.policies import load_policy, register_policy, save_policy
 from robofinetune.policies.base import Policy
+from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
                              ensemble_min_target, flatten_observation, mlp, polyak_update, sample_symmetric)
@@ -218,8 +219,11 @@ register_policy("residual", ResidualPolicy, ResidualPolicyConfig)
 
 # --- learner state and the update step -----------------------------------------------------------------------
 
-class ResidualLearner(nn.Module):
+class ResidualLearner(CheckpointedLearner):
     """Actor, critic ensemble, their targets and optimisers."""
+
+    optimizers = ("actor_optimizer", "critic_optimizer")
+    counters = ("critic_updates", "actor_updates")
 
     def __init__(self, config: ResidualConfig, actor: ResidualActor) -> None:
         super().__init__()
@@ -235,18 +239,6 @@ class ResidualLearner(nn.Module):
         self.generator = torch.Generator().manual_seed(config.seed)
         self.critic_updates = 0
         self.actor_updates = 0
-
-    def learner_state(self) -> dict[str, Any]:
-        return {"networks": self.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "generator": self.generator.get_state(),
-                "critic_updates": self.critic_updates, "actor_updates": self.actor_updates}
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["networks"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.generator.set_state(state["generator"])
-        self.critic_updates, self.actor_updates = state["critic_updates"], state["actor_updates"]
 
 
 def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
