@@ -248,7 +248,7 @@ def figures(names, truth, estimates, config: GateConfig) -> dict:
     """Rank agreement and pair decisions of the gate vs the bare mean comparison, over the policies ``names``."""
     success = np.array([truth[n]["successes"] / truth[n]["episodes"] for n in names])
     values = np.array([estimates[n].value for n in names])
-    result = {"policies": len(names),
+    result = {"policy_count": len(names),
               "spearman": float(stats.spearmanr(values, success).statistic),
               "kendall_tau": float(stats.kendalltau(values, success).statistic),
               "regret_at_1": float(success.max() - success[int(np.argmax(values))]),
@@ -270,7 +270,7 @@ def figures(names, truth, estimates, config: GateConfig) -> dict:
 
 
 def print_figures(label: str, figures_: dict) -> None:
-    print(f"[{label}] {figures_['policies']} policies: spearman {figures_['spearman']:.3f} (target >= 0.8)  "
+    print(f"[{label}] {figures_['policy_count']} policies: spearman {figures_['spearman']:.3f} (target >= 0.8)  "
           f"regret@1 {figures_['regret_at_1']:.3f}"
           + (f"  spearman vs true discounted value {figures_['spearman_vs_true_discounted_value']:.3f}"
              if "spearman_vs_true_discounted_value" in figures_ else ""))
@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", help="where the pointmass zoo, data, sim results and FQE estimates are kept "
                         "(default runs/ope_bench_<task>_seed<seed>)")
     parser.add_argument("--output", help="result file name (default ope_<task>.json)")
+    parser.add_argument("--cache-only", action="store_true", help="only fill the cache with sim truths and FQE "
+                        "estimates of these policies (split a zoo over processes with separate --cache folders, "
+                        "merge the JSON files, then run once more for the figures)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_episodes = args.eval_episodes or 200
     else:
         zoo = can_zoo(args.policies)
-        if len(zoo) < 8:
+        if len(zoo) < 8 and not args.cache_only:
             print(f"only {len(zoo)} can policies found ({list(zoo)}); the benchmark needs >= 8 of spread-out "
                   f"quality. Train them (robofinetune train bc --task=can --num_demos=... --max_steps=...) or pass "
                   f"--policies.", file=sys.stderr)
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ope  {name:<36} {estimates[name].value:.3f} [{low:.3f}, {high:.3f}]  "
               f"gap {estimates[name].action_gap:.2f}  {estimates[name].seconds:.0f}s", flush=True)
 
+    if args.cache_only:
+        return 0
     names = list(zoo)
     subsets = {"all": names}
     if args.task == "pointmass" and args.zoo == "all":
