@@ -218,6 +218,11 @@ def newcombe_interval(s1: int, n1: int, s2: int, n2: int, confidence: float = 0.
             difference + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
+def success_lengths(episode_success, episode_length) -> list[int]:
+    """Lengths of the successful episodes: with the episode count, enough for discounted success at any gamma."""
+    return [int(length) for ok, length in zip(episode_success, episode_length) if ok]
+
+
 def pair_figures(names, successes, episodes, estimates, margin, confidence, method) -> dict:
     """False/true promotion rates of the gate and of the bare mean comparison over resolved ordered pairs."""
     counts = {rule: {"worse_pairs": 0, "worse_promoted": 0, "better_pairs": 0, "better_promoted": 0,
@@ -340,15 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         if name not in truth and args.task == "can" and stored.exists():
             report = json.loads(stored.read_text())
             truth[name] = {"successes": int(report["successes"]), "episodes": int(report["episodes"]),
-                           "success_lengths": [int(length) for ok, length in
-                                               zip(report.get("episode_success", []), report.get("episode_length", []))
-                                               if ok], "source": str(stored)}
+                           "success_lengths": success_lengths(report.get("episode_success", []),
+                                                              report.get("episode_length", [])),
+                           "source": str(stored)}
         if name not in truth:
             result = evaluate_policy(policy, args.task, episodes=eval_episodes, num_envs=args.num_envs,
                                      seed=500_000 + args.seed, progress=False)
             truth[name] = {"successes": result.successes, "episodes": result.episodes,
-                           "success_lengths": [int(length) for ok, length in
-                                               zip(result.episode_success, result.episode_length) if ok],
+                           "success_lengths": success_lengths(result.episode_success, result.episode_length),
                            "mean_length": result.mean_length, "source": f"sim, seeds {500_000 + args.seed}+"}
             truth_cache.write_text(json.dumps(truth, indent=1))
         t = truth[name]

@@ -335,5 +335,5 @@ def test_gate_flag_promotes_a_best_through_the_gate(poor_base, tmp_path):
     run = next(runs.iterdir())
     assert json.loads((run / "summary.json").read_text())["env_steps"] == 200
     assert json.loads((run / "best" / "gate.json").read_text())["decision"] == "PROMOTE"
-    allowed, why = deploy_permission(run / "best", base, force=False)
-    assert allowed, why
+    allowed, why, forced = deploy_permission(run / "best", base, force=False)
+    assert allowed and not forced, why

@@ -374,33 +374,34 @@ def policies(tmp_path):
 
 def test_no_incumbent_refuses_unless_forced(policies):
     candidate, _ = policies
-    allowed, why = deploy_permission(candidate, None, force=False)
-    assert not allowed and "no incumbent" in why and "--force" in why
-    allowed, why = deploy_permission(candidate, None, force=True)
-    assert allowed and why.startswith("--force")
+    allowed, why, forced = deploy_permission(candidate, None, force=False)
+    assert not allowed and not forced and "no incumbent" in why and "--force" in why
+    allowed, why, forced = deploy_permission(candidate, None, force=True)
+    assert allowed and forced and why.startswith("--force")
 
 
 def test_the_incumbent_itself_may_run(policies, tmp_path):
     _, incumbent = policies
     copy = tmp_path / "copy_of_incumbent"
     shutil.copytree(incumbent, copy)   # same weights elsewhere: still the incumbent
-    allowed, why = deploy_permission(copy, incumbent, force=False)
-    assert allowed and "is the incumbent" in why
+    allowed, why, forced = deploy_permission(copy, incumbent, force=False)
+    assert allowed and not forced and "is the incumbent" in why
 
 
 def test_ungated_and_rejected_candidates_are_refused_and_promoted_ones_run(policies):
     candidate, incumbent = policies
-    allowed, why = deploy_permission(candidate, incumbent, force=False)
-    assert not allowed and "no gate record" in why and "robofinetune gate" in why
+    allowed, why, forced = deploy_permission(candidate, incumbent, force=False)
+    assert not allowed and not forced and "no gate record" in why and "robofinetune gate" in why
     _record(candidate, incumbent, REJECT)
-    allowed, why = deploy_permission(candidate, incumbent, force=False)
-    assert not allowed and "REJECT" in why
+    allowed, why, forced = deploy_permission(candidate, incumbent, force=False)
+    assert not allowed and not forced and "REJECT" in why
     _record(candidate, incumbent, PROMOTE)
-    allowed, why = deploy_permission(candidate, incumbent, force=False)
-    assert allowed and "passed the gate" in why
+    allowed, why, forced = deploy_permission(candidate, incumbent, force=False)
+    assert allowed and not forced and "passed the gate" in why
     save_policy(_flow_policy(5), candidate)   # retrained after the gate: the record no longer covers it
     assert not deploy_permission(candidate, incumbent, force=False)[0]
-    assert deploy_permission(candidate, incumbent, force=True)[0]
+    forced_permission = deploy_permission(candidate, incumbent, force=True)
+    assert forced_permission.allowed and forced_permission.forced
 
 
 def test_deploy_command_refuses_before_touching_the_robot(capsys):

@@ -234,7 +234,7 @@ def test_gated_training_keeps_a_best_only_through_the_gate(pointmass_base, tmp_p
     assert (best / "policy.json").exists() == promoted
     if promoted:
         # best beat the previous best, which beat the base: the chain of records lets deploy run it over the base
-        allowed, why = deploy_permission(best, base_path, force=False)
-        assert allowed and "2 successive promotions" in why
+        allowed, why, forced = deploy_permission(best, base_path, force=False)
+        assert allowed and not forced and "2 successive promotions" in why
         assert json.loads((best / "gate.json").read_text())["decision"] == "PROMOTE"
         assert len((best / "gate_history.jsonl").read_text().splitlines()) == 2

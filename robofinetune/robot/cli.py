@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -151,26 +151,33 @@ class _KeyWatcher:
         self.keys.close()
 
 
-def deploy_permission(policy_path: str | Path, incumbent_path: str | Path | None, force: bool) -> tuple[bool, str]:
-    """(allowed, why): hardware time is scarce, so a policy other than the robot's incumbent runs only after the
-    OPE gate promoted exactly these weights over exactly the incumbent's (``robofinetune gate``), or with --force."""
+class DeployPermission(NamedTuple):
+    allowed: bool
+    reason: str
+    forced: bool = False       # allowed only because of --force (recorded in deploy.json)
+
+
+def deploy_permission(policy_path: str | Path, incumbent_path: str | Path | None, force: bool) -> DeployPermission:
+    """Hardware time is scarce, so a policy other than the robot's incumbent runs only after the OPE gate
+    promoted exactly these weights over exactly the incumbent's (``robofinetune gate``), or with --force."""
     from robofinetune.algos.ope import gate_check, policy_fingerprint
 
     if incumbent_path is None:
         reason = ("no incumbent policy is set for this robot (--incumbent=PATH or 'incumbent:' in the robot YAML), "
                   "so the policy cannot have passed a gate against it")
     elif not (Path(incumbent_path) / "policy.json").is_file():
-        return False, f"incumbent '{incumbent_path}' is not a policy checkpoint (missing policy.json)"
+        return DeployPermission(False, f"incumbent '{incumbent_path}' is not a policy checkpoint (missing policy.json)")
     elif policy_fingerprint(policy_path) == policy_fingerprint(incumbent_path):
-        return True, f"{policy_path} is the incumbent ({incumbent_path})"
+        return DeployPermission(True, f"{policy_path} is the incumbent ({incumbent_path})")
     else:
         passed, reason = gate_check(policy_path, incumbent_path)
         if passed:
-            return True, reason
+            return DeployPermission(True, reason)
     if force:
-        return True, f"--force: deploying without a passing gate ({reason})"
-    return False, (f"refusing to deploy: {reason}. Run `robofinetune gate --candidate={policy_path} "
-                   f"--incumbent={incumbent_path or '<incumbent>'} --data=<logged episodes>`, or pass --force.")
+        return DeployPermission(True, f"--force: deploying without a passing gate ({reason})", forced=True)
+    return DeployPermission(False, f"refusing to deploy: {reason}. Run `robofinetune gate --candidate={policy_path} "
+                                   f"--incumbent={incumbent_path or '<incumbent>'} --data=<logged episodes>`, "
+                                   f"or pass --force.")
 
 
 def command_deploy(args: argparse.Namespace) -> int:
@@ -185,12 +192,10 @@ def command_deploy(args: argparse.Namespace) -> int:
     overrides = parse_set_overrides(args.set)
     config = load_robot_config(args.robot, overrides)
     incumbent = args.incumbent or config.incumbent
-    allowed, permission = deploy_permission(args.policy, incumbent, args.force)
+    allowed, permission, forced = deploy_permission(args.policy, incumbent, args.force)
     print(permission, file=sys.stdout if allowed else sys.stderr)
     if not allowed:
         return 2
-    # recorded so a later reader of deploy.json sees that this run bypassed the gate
-    forced = args.force and not deploy_permission(args.policy, incumbent, force=False)[0]
     policy = load_policy(args.policy, task=None if args.any_task else config.task.name)
     deploy_config = DeployConfig(robot=str(args.robot), policy=str(args.policy), episodes=args.episodes,
                                  seed=args.seed, format=args.format, overrides=overrides,
