@@ -79,6 +79,20 @@ def record_from_run(run_path: Path) -> dict[str, Any]:
             "wall_clock_s": summary["wall_clock_s"], "curve": curve}
 
 
+def record_from_residual_result(path: Path, seed: int, base: str) -> dict[str, Any]:
+    """The residual row from ``benchmarks/residual_can.py``'s result for ``seed`` (same base, same eval seeds);
+    its run folder may be gone, so there is no curve, only the first env steps at 90% and 95% it logged."""
+    result = json.loads(path.read_text())
+    if Path(result.get("config", {}).get("base") or base).name != Path(base).name:
+        raise SystemExit(f"{path}: its residual runs start from {result['config']['base']}, not {base}")
+    entry = next((entry for entry in result["seeds"] if entry["seed"] == seed), None)
+    if entry is None:
+        raise SystemExit(f"{path}: no entry for seed {seed}")
+    keys = ("final_success", "final_success_ci", "eval_episodes", "base_success", "base_success_ci", "env_steps",
+            "env_steps_to_90", "env_steps_to_95", "wall_clock_s", "run", "commit")
+    return {**{key: entry.get(key) for key in keys}, "curve": None, "source": str(path)}
+
+
 def run_method(method: str, task: str, base: str, budget: int, seed: int, eval_episodes: int, runs: Path,
                extra: dict[str, Any]) -> dict[str, Any]:
     import importlib
@@ -136,6 +150,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for all methods, key=value")
     parser.add_argument("--reuse", nargs="*", default=[], help="method:kind=RUN_DIR, a finished run to record as is")
+    parser.add_argument("--residual-results", default=None,
+                        help="take the residual row from a residual_can.py result (its --seed entry) instead of a run")
     parser.add_argument("--runs-dir", default=str(Path(__file__).resolve().parent / "runs"))
     args = parser.parse_args()
 
@@ -169,6 +185,8 @@ def main() -> None:
         for method in methods:
             if (method, kind) in reuse:
                 summary = record_from_run(reuse[(method, kind)])
+            elif method == "residual" and args.residual_results:
+                summary = record_from_residual_result(Path(args.residual_results), args.seed, base)
             else:
                 summary = run_method(method, args.task, base, budget, args.seed, args.eval_episodes, runs, extra)
             entry["methods"][method] = summary

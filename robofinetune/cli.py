@@ -67,6 +67,23 @@ def _command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a resumed run may change: its length and how it is watched, never what it learns with.
+RESUME_OVERRIDABLE = ("total_env_steps", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
+                      "log_every", "progress")
+
+
+def _resume_overrides(overrides: dict, saved: dict, run_path) -> dict:
+    """The overrides a ``--resume`` may apply (e.g. ``--total_env_steps`` to extend a finished run); any other
+    field is an error, not silently ignored: a run's learning settings are fixed by its config.yaml."""
+    from robofinetune.errors import ConfigError
+
+    refused = sorted(key for key in overrides if key not in RESUME_OVERRIDABLE or key not in saved)
+    if refused:
+        raise ConfigError(f"{run_path}: --resume keeps the run's config.yaml; it can change only "
+                          f"{[key for key in RESUME_OVERRIDABLE if key in saved]}, not {refused}")
+    return dict(overrides)
+
+
 def _command_train(args: argparse.Namespace, extra: list[str]) -> int:
     from robofinetune.config import config_from_dict, parse_overrides, resolve_config
     from robofinetune.runs import Run
@@ -75,9 +92,12 @@ def _command_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     if args.resume:
         run = Run.open(args.resume)
-        config = config_from_dict(module.Config, run.saved_config(), str(run.path / "config.yaml"))
-        if overrides:
-            print(f"--resume uses the run's saved config; ignoring {sorted(overrides)}")
+        saved = run.saved_config()
+        extended = _resume_overrides(overrides, saved, run.path)
+        config = config_from_dict(module.Config, {**saved, **extended}, str(run.path / "config.yaml"))
+        if extended:
+            run.save_config(config)
+            print(f"resuming with {extended} (config.yaml updated)")
         print(f"resuming {run.path}")
     else:
         config = resolve_config(module.Config, args.method, overrides, extra_preset=args.config)

@@ -67,6 +67,12 @@ class Run:
             raise ConfigError(f"{path}: not a run folder (no config.yaml) — pass the folder a command created")
         return cls(path)
 
+    def save_config(self, config: Any) -> None:
+        """Rewrite config.yaml (a resumed run whose length was extended), atomically."""
+        temporary = self.path / "config.yaml.tmp"
+        temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        temporary.replace(self.path / "config.yaml")
+
     def saved_config(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "config.yaml").read_text())
 

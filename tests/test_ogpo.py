@@ -9,7 +9,7 @@ import torch
 
 from robofinetune.algos.ogpo import (ChunkedActor, OGPOConfig, OGPOLearner, SuccessBuffer, conservative_advantage,
                                      demo_chunk_transitions, executed_chunk, group_relative, ogpo_actor_update,
-                                     ppo_chain_loss, unflatten_history)
+                                     ppo_chain_loss, ratio_log_prob, unflatten_history)
 from robofinetune.data.episode import Episode
 from robofinetune.policies import POLICY_TYPES
 from robofinetune.rl import VectorRollout
@@ -206,7 +206,7 @@ def _cli_args(base, demos, runs, *extra):
             "--warmup_steps=100", "--actor_update_every=100", "--next_action_samples=2", *extra]
 
 
-def test_ogpo_resume_continues_and_writes_a_normal_checkpoint(poor_base, tmp_path):
+def test_ogpo_resume_continues_and_writes_a_normal_checkpoint(poor_base, tmp_path, capsys):
     from robofinetune.cli import main
     from robofinetune.policies import DiffusionPolicy, load_policy
 
@@ -216,9 +216,11 @@ def test_ogpo_resume_continues_and_writes_a_normal_checkpoint(poor_base, tmp_pat
     run = next(runs.iterdir())
     first = json.loads((run / "summary.json").read_text())
     assert first["env_steps"] == 300 and first["critic_updates"] > 0 and first["actor_rounds"] >= 2
-    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("total_env_steps: 300",
-                                                                              "total_env_steps: 500"))
-    assert main(["train", "ogpo", f"--resume={run}"]) == 0
+    # A finished run is extended from the command line; learning settings cannot change on resume.
+    assert main(["train", "ogpo", f"--resume={run}", "--total_env_steps=500", "--actor_lr=1e-3"]) != 0
+    assert "not ['actor_lr']" in capsys.readouterr().err
+    assert main(["train", "ogpo", f"--resume={run}", "--total_env_steps=500"]) == 0
+    assert "total_env_steps: 500" in (run / "config.yaml").read_text()
     second = json.loads((run / "summary.json").read_text())
     assert second["env_steps"] == 500
     assert second["critic_updates"] > first["critic_updates"] and second["actor_rounds"] > first["actor_rounds"]
@@ -337,3 +339,24 @@ def test_gate_flag_promotes_a_best_through_the_gate(poor_base, tmp_path):
     assert json.loads((run / "best" / "gate.json").read_text())["decision"] == "PROMOTE"
     allowed, why, forced = deploy_permission(run / "best", base, force=False)
     assert allowed and not forced, why
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_ratio_log_prob_is_the_clamped_element_mean_over_the_executed_steps(kind):
+    policy = make_policy(kind)
+    flat = torch.randn(6, policy.config.n_obs_steps * policy.config.obs_dim)
+    with torch.no_grad():
+        chains = policy.sample(unflatten_history(flat, policy), return_chain=True, stochastic=True).chain
+        elements = policy.chain_log_prob(unflatten_history(flat, policy), chains, per_element=True)
+        mean = ratio_log_prob(policy, flat, chains)
+        full = ratio_log_prob(policy, flat, chains, element_mean=False)
+    executed = elements[:, :, : policy.config.n_action_steps].clamp(-5.0, 2.0)
+    assert torch.allclose(mean, executed.mean(dim=(-1, -2)), atol=1e-5)
+    assert torch.allclose(full, elements.sum(dim=(-1, -2)), atol=1e-3)
+    # Moving only the unexecuted tail of the emitted chunk (the last transition's output, no step's input)
+    # leaves the ratio's log-prob as it was; the full density notices.
+    moved = chains.clone()
+    moved[:, -1, policy.config.n_action_steps:] += 0.3
+    with torch.no_grad():
+        assert torch.allclose(ratio_log_prob(policy, flat, moved), mean, atol=1e-5)
+        assert not torch.allclose(ratio_log_prob(policy, flat, moved, element_mean=False), full, atol=1e-2)

@@ -68,8 +68,13 @@ def test_chain_log_prob_is_the_gaussian_density_of_each_transition(kind):
                               variance_noise=torch.zeros_like(eps)).prev_sample
         std = policy._transition_std(scheduler, timestep)
         assert std >= policy.config.chain_min_std
-    expected = torch.distributions.Normal(mean, std).log_prob(sample.chain[:, k + 1]).sum(dim=(1, 2))
-    assert torch.allclose(log_prob[:, k], expected.detach(), atol=1e-3)
+    elementwise = torch.distributions.Normal(mean, std).log_prob(sample.chain[:, k + 1])
+    assert torch.allclose(log_prob[:, k], elementwise.sum(dim=(1, 2)).detach(), atol=1e-3)
+    with torch.no_grad():
+        per_element = policy.chain_log_prob(obs, sample.chain, per_element=True)
+    assert per_element.shape == (3, 5, 4, 2)
+    assert torch.allclose(per_element[:, k], elementwise.detach(), atol=1e-4)
+    assert torch.allclose(per_element.sum(dim=(2, 3)), log_prob, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "flow"])

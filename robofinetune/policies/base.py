@@ -140,8 +140,9 @@ class GenerativePolicy(Policy):
         Gaussian with at least ``chain_min_std`` so that ``chain_log_prob`` is a proper density (RL)."""
 
     @abstractmethod
-    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor) -> torch.Tensor:
-        """Log-density (B, K) of each transition chain[:, k] -> chain[:, k+1] under the stochastic sampler."""
+    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor, per_element: bool = False) -> torch.Tensor:
+        """Log-density (B, K) of each transition chain[:, k] -> chain[:, k+1] under the stochastic sampler; with
+        ``per_element``, the diagonal Gaussian's term of every chunk element, (B, K, horizon, A), which sum to it."""
 
     @abstractmethod
     def bc_loss(self, obs: dict[str, Any], actions: torch.Tensor) -> torch.Tensor:

@@ -198,7 +198,7 @@ class ConsistencyPolicy(GenerativePolicy):
         actions = self.action_normalizer.unnormalize(self.clip_chunk(x))
         return ChainSample(actions, torch.stack(chain, dim=1) if chain is not None else None)
 
-    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor) -> torch.Tensor:
+    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor, per_element: bool = False) -> torch.Tensor:
         condition = self.encode_observation(obs)
         batch, length = chain.shape[:2]
         steps = length - 1
@@ -214,7 +214,7 @@ class ConsistencyPolicy(GenerativePolicy):
                 mean, std = alpha[0] * ends[:, k], sigma.clamp_min(self.config.chain_min_std).reshape(())
             else:
                 mean, std = ends[:, k], self.config.chain_min_std
-            log_probs.append(gaussian_log_prob(chain[:, k + 1], mean, std))
+            log_probs.append(gaussian_log_prob(chain[:, k + 1], mean, std, per_element))
         return torch.stack(log_probs, dim=1)
 
     def bc_loss(self, obs: dict[str, Any], actions: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,13 @@ class DiffusionPolicyConfig(PolicyConfig):
     chain_eta: float = 1.0        # DDIM eta of the stochastic chain used by sample(stochastic=True)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
-    """Log N(x; mean, std^2) summed over all but the first dimension."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float,
+                      per_element: bool = False) -> torch.Tensor:
+    """Log N(x; mean, std^2) summed over all but the first dimension (or, with ``per_element``, of every
+    element: the diagonal Gaussian's per-dimension terms, shape of x)."""
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
     log_density = -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_density.reshape(x.shape[0], -1).sum(dim=-1)
+    return log_density if per_element else log_density.reshape(x.shape[0], -1).sum(dim=-1)
 
 
 class DiffusionPolicy(GenerativePolicy):
@@ -98,7 +100,7 @@ class DiffusionPolicy(GenerativePolicy):
         actions = self.action_normalizer.unnormalize(x.clamp(-1.0, 1.0))
         return ChainSample(actions, torch.stack(chain, dim=1) if chain is not None else None)
 
-    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor) -> torch.Tensor:
+    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor, per_element: bool = False) -> torch.Tensor:
         condition = self.encode_observation(obs)
         batch, length = chain.shape[:2]
         steps = length - 1
@@ -113,7 +115,8 @@ class DiffusionPolicy(GenerativePolicy):
         for k, timestep in enumerate(timesteps):
             mean = scheduler.step(eps[:, k], timestep, chain[:, k], eta=self.config.chain_eta,
                                   variance_noise=torch.zeros_like(chain[:, k])).prev_sample
-            log_probs.append(gaussian_log_prob(chain[:, k + 1], mean, self._transition_std(scheduler, timestep)))
+            log_probs.append(gaussian_log_prob(chain[:, k + 1], mean, self._transition_std(scheduler, timestep),
+                                               per_element))
         return torch.stack(log_probs, dim=1)
 
     def bc_loss(self, obs: dict[str, Any], actions: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class FlowPolicy(GenerativePolicy):
         actions = self.action_normalizer.unnormalize(x.clamp(-1.0, 1.0))
         return ChainSample(actions, torch.stack(chain, dim=1) if chain is not None else None)
 
-    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor) -> torch.Tensor:
+    def chain_log_prob(self, obs: dict[str, Any], chain: torch.Tensor, per_element: bool = False) -> torch.Tensor:
         condition = self.encode_observation(obs)
         batch, length = chain.shape[:2]
         steps = length - 1
@@ -66,8 +66,8 @@ class FlowPolicy(GenerativePolicy):
         velocity = self.velocity(inputs, times, condition.repeat_interleave(steps, dim=0))
         means = chain[:, :-1] + velocity.reshape(batch, steps, *chain.shape[2:]) * dt
         log_probs = gaussian_log_prob(chain[:, 1:].reshape(batch * steps, -1), means.reshape(batch * steps, -1),
-                                      self.config.chain_min_std)
-        return log_probs.reshape(batch, steps)
+                                      self.config.chain_min_std, per_element)
+        return log_probs.reshape(batch, steps, *(chain.shape[2:] if per_element else ()))
 
     def bc_loss(self, obs: dict[str, Any], actions: torch.Tensor) -> torch.Tensor:
         condition = self.encode_observation(obs)
