@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--reuse", nargs="*", default=[], help="method:kind=RUN_DIR, a finished run to record as is")
     parser.add_argument("--residual-results", default=None,
                         help="take the residual row from a residual_can.py result (its --seed entry) instead of a run")
+    parser.add_argument("--note", default="", help="free text stored with the result (how the runs were made)")
     parser.add_argument("--runs-dir", default=str(Path(__file__).resolve().parent / "runs"))
     args = parser.parse_args()
 
@@ -178,6 +179,8 @@ def main() -> None:
 
     result: dict[str, Any] = {"task": args.task, **provenance(args.seed), "budget_env_steps": budget,
                               "eval_episodes": args.eval_episodes, "overrides": extra, "bases": {}}
+    if args.note:
+        result["note"] = args.note
     name = f"ogpo_{args.task}.json"
     for kind, base in bases.items():
         entry: dict[str, Any] = {"path": base, "methods": {}}
@@ -195,11 +198,42 @@ def main() -> None:
                   f"{summary['env_steps']} env steps, to 90%: {summary['env_steps_to_90']}, "
                   f"{summary['wall_clock_s']:.0f} s", flush=True)
             if "ogpo" in entry["methods"] and "dppo" in entry["methods"]:
-                entry["ogpo_vs_dppo"] = compare(entry["methods"]["ogpo"], entry["methods"]["dppo"], budget)
+                ogpo, dppo = entry["methods"]["ogpo"], entry["methods"]["dppo"]
+                # reused runs may have had a smaller budget than --budget: compare at the budget both ran
+                entry["ogpo_vs_dppo"] = compare(ogpo, dppo, min(budget, ogpo["env_steps"], dppo["env_steps"]))
             result["table"] = _table(result)
             write_result(name, result)
     for row in result["table"]:
         print(row)
+    plot_curves(result, Path(__file__).resolve().parent / "results" / f"ogpo_{args.task}.png")
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    """Success vs env steps, one panel per base: every evaluation of each method (periodic ones are 50
+    episodes, base and final 100), residual as its final point when only its summary is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = result["bases"]
+    figure, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4), squeeze=False)
+    for axis, (kind, entry) in zip(axes[0], bases.items()):
+        for method, summary in entry["methods"].items():
+            if summary.get("curve"):
+                steps, _, success = zip(*summary["curve"])
+                axis.plot(steps, success, marker="o", label=method)
+            else:
+                axis.errorbar([summary["env_steps"]], [summary["final_success"]], fmt="s", label=f"{method} (final)",
+                              yerr=[[summary["final_success"] - summary["final_success_ci"][0]],
+                                    [summary["final_success_ci"][1] - summary["final_success"]]])
+        axis.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+        axis.set(title=f"{result['task']}, {kind} base", xlabel="env steps", ylabel="success", ylim=(0, 1.02))
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")
 
 
 def _preset_budget(task: str) -> int:

@@ -260,15 +260,17 @@ class _KnownCritic(torch.nn.Module):
         return torch.stack([q + 1e-4 * torch.randn_like(q) for _ in range(3)])
 
 
-@pytest.mark.parametrize("kind", ["diffusion", "flow"])
-def test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler(kind):
+@pytest.mark.parametrize("kind,last", [("diffusion", 0), ("flow", 0), ("diffusion", 2)])
+def test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler(kind, last):
     """PPO through the chain with Q(s, a0) as terminal reward moves the deterministic sampler (what act() runs)
-    towards higher Q: the chain bookkeeping, group baseline and conservative advantage point the right way."""
+    towards higher Q: the chain bookkeeping, group baseline and conservative advantage point the right way;
+    also when PPO covers only the chain's last transitions (``ppo_last_transitions``)."""
     torch.manual_seed(0)
     policy = make_policy(kind, n_obs_steps=1)
     policy.config.chain_eta = 0.0
     config = OGPOConfig(task="pointmass", group_size=8, actor_epochs=2, actor_minibatch=128, bc_coef=0.0,
-                        num_critics=3, critic_hidden_dim=8, actor_lr=1e-3, clip_ratio=0.05)
+                        num_critics=3, critic_hidden_dim=8, actor_lr=1e-3, clip_ratio=0.05,
+                        ppo_last_transitions=last)
     learner = OGPOLearner(config, policy, chain_steps=5)
     target = torch.tensor([0.6, -0.6, 0.6, -0.6])
     learner.critic = _KnownCritic(target)

@@ -123,6 +123,10 @@ class OGPOConfig:
     # far past any clip (measured on can: mean ratio 1.7-3.1, 73% of transitions clipped, approx KL 0.9-2.4).
     ratio_element_mean: bool = True
     denoising_discount: float = 1.0    # terminal reward only: every chain transition gets the same advantage
+    # PPO over the last this-many chain transitions only (0 = all K, OGPO's whole chain). DPPO's
+    # ft_denoising_steps: the first DDIM steps of a diffusion chain map a small change of the predicted noise
+    # to a large change of the step's mean (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) with abar near 0).
+    ppo_last_transitions: int = 0
     conservative_advantage: bool = True
     pg_coef: float = 1.0               # weight of the PPO term (0 = the BC-only ablation)
     max_log_ratio: float = 5.0         # log-ratio clamp before exp (the ratio is clipped anyway)
@@ -540,6 +544,8 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
         group_states = states.repeat_interleave(group, dim=0)            # rows of one state are consecutive
         chains = sample_chains(policy, group_states, learner.chain_steps)
         old_log_prob = ratio_log_prob(policy, group_states, chains, config.ratio_element_mean)
+        last = config.ppo_last_transitions or old_log_prob.shape[1]
+        old_log_prob = old_log_prob[:, -last:]
         q_heads = learner.critic(critic_observation(group_states, policy), executed_chunk(chains[:, -1], n_act))
         head_advantages = group_relative(q_heads, group)
         advantage = conservative_advantage(head_advantages) if config.conservative_advantage else head_advantages.mean(0)
@@ -555,7 +561,8 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
             loss = torch.zeros(())
             if start is not None:
                 rows = order[start: start + config.actor_minibatch]
-                new_log_prob = ratio_log_prob(policy, group_states[rows], chains[rows], config.ratio_element_mean)
+                new_log_prob = ratio_log_prob(policy, group_states[rows], chains[rows],
+                                              config.ratio_element_mean)[:, -last:]
                 pg_loss, ppo_stats = ppo_chain_loss(new_log_prob, old_log_prob[rows], advantage[rows], config.clip_ratio,
                                                     config.denoising_discount, config.max_log_ratio)
                 # The objective is the mean over *all* chains, zero-advantage ones included: scaling each
@@ -711,6 +718,8 @@ def _check_config(config: OGPOConfig) -> None:
                  "critic_batch_size", "num_critics"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(config, name)}")
+    if config.ppo_last_transitions < 0:
+        raise ConfigError(f"config field 'ppo_last_transitions' must be >= 0 (0 = all), got {config.ppo_last_transitions}")
     if config.group_size < 2:
         raise ConfigError("config field 'group_size' must be >= 2: the baseline is the group's mean Q")
     if config.dppo.steps_per_iteration < config.num_envs:
