@@ -79,6 +79,11 @@ def record_from_run(run_path: Path) -> dict[str, Any]:
             "wall_clock_s": summary["wall_clock_s"], "curve": curve}
 
 
+def _same_base(residual_results: str, base: str) -> bool:
+    config = json.loads(Path(residual_results).read_text()).get("config", {})
+    return Path(config.get("base") or "weak_diffusion").name == Path(base).name
+
+
 def record_from_residual_result(path: Path, seed: int, base: str) -> dict[str, Any]:
     """The residual row from ``benchmarks/residual_can.py``'s result for ``seed`` (same base, same eval seeds);
     its run folder may be gone, so there is no curve, only the first env steps at 90% and 95% it logged."""
@@ -124,6 +129,13 @@ def compare(ogpo: dict[str, Any], dppo: dict[str, Any], budget: int) -> dict[str
         return max((success for _, label, success in curve if label != "base"), default=0.0)
 
     levels = {"at_common_best": min(best(ogpo["curve"]), best(dppo["curve"])), "at_90": 0.9}
+    base = ogpo.get("base_success") if ogpo.get("base_success") is not None else dppo.get("base_success")
+    notes = {}
+    if base is not None and levels["at_common_best"] <= base + 1e-9:
+        # a level at or below the base is a decline both share, not a speed of improvement: no ratio from it
+        notes["at_common_best"] = (f"one method never rose above the base ({base:.0%}): best {best(ogpo['curve']):.0%} "
+                                   f"(ogpo), {best(dppo['curve']):.0%} (dppo); no ratio")
+        del levels["at_common_best"]
     if dppo["base_success"] is None or dppo["final_success"] > dppo["base_success"]:
         levels["at_dppo_final_success"] = dppo["final_success"]
     out = {}
@@ -136,7 +148,7 @@ def compare(ogpo: dict[str, Any], dppo: dict[str, Any], budget: int) -> dict[str
             entry["dppo_over_ogpo_at_least"] = budget / ogpo_steps
             entry["dppo_env_steps"] = f"> {budget}"
         out[name] = entry
-    return out
+    return {**out, **notes}
 
 
 def main() -> None:
@@ -152,6 +164,8 @@ def main() -> None:
     parser.add_argument("--reuse", nargs="*", default=[], help="method:kind=RUN_DIR, a finished run to record as is")
     parser.add_argument("--residual-results", default=None,
                         help="take the residual row from a residual_can.py result (its --seed entry) instead of a run")
+    parser.add_argument("--only-reuse", action="store_true",
+                        help="train nothing: the table holds only the --reuse runs and --residual-results")
     parser.add_argument("--note", default="", help="free text stored with the result (how the runs were made)")
     parser.add_argument("--runs-dir", default=str(Path(__file__).resolve().parent / "runs"))
     args = parser.parse_args()
@@ -188,8 +202,10 @@ def main() -> None:
         for method in methods:
             if (method, kind) in reuse:
                 summary = record_from_run(reuse[(method, kind)])
-            elif method == "residual" and args.residual_results:
+            elif method == "residual" and args.residual_results and _same_base(args.residual_results, base):
                 summary = record_from_residual_result(Path(args.residual_results), args.seed, base)
+            elif args.only_reuse or method not in (*METHODS, "bc_only"):
+                continue   # a variant (or, with --only-reuse, any method) is only recorded from a given run
             else:
                 summary = run_method(method, args.task, base, budget, args.seed, args.eval_episodes, runs, extra)
             entry["methods"][method] = summary
@@ -217,16 +233,23 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bases = result["bases"]
+    methods = sorted({method for entry in bases.values() for method in entry["methods"]})
+    colours = {method: f"C{index}" for index, method in enumerate(methods)}   # one colour per method in all panels
     figure, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4), squeeze=False)
     for axis, (kind, entry) in zip(axes[0], bases.items()):
         for method, summary in entry["methods"].items():
+            colour = colours[method]
             if summary.get("curve"):
                 steps, _, success = zip(*summary["curve"])
-                axis.plot(steps, success, marker="o", label=method)
+                axis.plot(steps, success, marker="o", color=colour, label=method)
             else:
-                axis.errorbar([summary["env_steps"]], [summary["final_success"]], fmt="s", label=f"{method} (final)",
+                axis.errorbar([summary["env_steps"]], [summary["final_success"]], fmt="s", color=colour,
+                              label=f"{method} (final)",
                               yerr=[[summary["final_success"] - summary["final_success_ci"][0]],
                                     [summary["final_success_ci"][1] - summary["final_success"]]])
+                if summary.get("env_steps_to_90"):
+                    axis.plot([summary["env_steps_to_90"]], [0.9], marker="x", markersize=9, color=colour,
+                              linestyle="none", label=f"{method} first >= 90%")
         axis.axhline(0.9, color="grey", linestyle=":", linewidth=1)
         axis.set(title=f"{result['task']}, {kind} base", xlabel="env steps", ylabel="success", ylim=(0, 1.02))
         axis.legend()
