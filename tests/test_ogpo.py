@@ -362,3 +362,19 @@ def test_ratio_log_prob_is_the_clamped_element_mean_over_the_executed_steps(kind
     with torch.no_grad():
         assert torch.allclose(ratio_log_prob(policy, flat, moved), mean, atol=1e-5)
         assert not torch.allclose(ratio_log_prob(policy, flat, moved, element_mean=False), full, atol=1e-2)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_success_buffer_takes_the_runs_own_successes_only_when_asked(poor_base, tmp_path, online):
+    from robofinetune.cli import main
+
+    base, demos = poor_base
+    runs = tmp_path / "runs"
+    assert main(_cli_args(base, demos, runs, "--total_env_steps=600", "--log_every=100",
+                          f"--bc_online_successes={str(online).lower()}")) == 0
+    run = next(runs.iterdir())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sizes = [record["train/success_buffer"] for record in logged if "train/success_buffer" in record]
+    successes = json.loads((run / "summary.json").read_text())["train_success"]
+    assert successes > 0                          # the run did have successes to admit or refuse
+    assert (sizes[-1] > sizes[0]) == online

@@ -135,6 +135,9 @@ class OGPOConfig:
     bc_batch_size: int = 128
     success_capacity: int = 100_000    # BC windows kept (one per env step of a successful episode)
     bc_from_demos: bool = True         # seed the success buffer with the (successful) demos
+    # Also admit the run's own successful episodes. Their actions are the stochastic chain's, noisy: on can
+    # their gripper commands averaged |g| 0.66 where every demo's is +-1 (see README, OGPO on can).
+    bc_online_successes: bool = True
     warmup_steps: int = 2_000          # env steps of critic-only learning before the first actor round
     # --- critic ensemble (shared robofinetune.rl.CriticEnsemble) --------------------------------------------
     num_critics: int = 10
@@ -912,8 +915,9 @@ def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, lo
         for chunk in chunks:
             online.add_transitions(chunk.obs[None], chunk.action[None], np.array([chunk.reward]), chunk.next_obs[None],
                                    np.array([chunk.terminated]), np.array([chunk.truncated]), [chunk.env_index])
-        for episode in episodes:
-            success.add_episode(episode)
+        if config.bc_online_successes:
+            for episode in episodes:
+                success.add_episode(episode)
         loop.record(config.num_envs, step.finished)
         window_steps += config.num_envs
         if (loop.env_steps >= config.warmup_steps and loop.due(config.actor_update_every)
@@ -950,8 +954,9 @@ def _dppo_loop(config: OGPOConfig, learner: DPPOLearner, actor: ChunkedActor, lo
             step, chunks, episodes = actor.step()
             for chunk in chunks:
                 sequences[chunk.env_index].append(chunk)
-            for episode in episodes:
-                success.add_episode(episode)
+            if config.bc_online_successes:
+                for episode in episodes:
+                    success.add_episode(episode)
             collected += config.num_envs
             loop.record(config.num_envs, step.finished)
             window_steps += config.num_envs
