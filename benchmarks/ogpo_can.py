@@ -79,17 +79,13 @@ def record_from_run(run_path: Path) -> dict[str, Any]:
             "wall_clock_s": summary["wall_clock_s"], "curve": curve}
 
 
-def _same_base(residual_results: str, base: str) -> bool:
-    config = json.loads(Path(residual_results).read_text()).get("config", {})
-    return Path(config.get("base") or "weak_diffusion").name == Path(base).name
-
-
-def record_from_residual_result(path: Path, seed: int, base: str) -> dict[str, Any]:
-    """The residual row from ``benchmarks/residual_can.py``'s result for ``seed`` (same base, same eval seeds);
-    its run folder may be gone, so there is no curve, only the first env steps at 90% and 95% it logged."""
+def record_from_residual_result(path: Path, seed: int, base: str) -> dict[str, Any] | None:
+    """The residual row from ``benchmarks/residual_can.py``'s result for ``seed`` (same base, same eval seeds),
+    or None when its runs started from another base; its run folder may be gone, so there is no curve, only
+    the first env steps at 90% and 95% it logged."""
     result = json.loads(path.read_text())
-    if Path(result.get("config", {}).get("base") or base).name != Path(base).name:
-        raise SystemExit(f"{path}: its residual runs start from {result['config']['base']}, not {base}")
+    if Path(result.get("config", {}).get("base") or "weak_diffusion").name != Path(base).name:
+        return None
     entry = next((entry for entry in result["seeds"] if entry["seed"] == seed), None)
     if entry is None:
         raise SystemExit(f"{path}: no entry for seed {seed}")
@@ -200,13 +196,14 @@ def main() -> None:
         entry: dict[str, Any] = {"path": base, "methods": {}}
         result["bases"][kind] = entry
         for method in methods:
+            summary = None
             if (method, kind) in reuse:
                 summary = record_from_run(reuse[(method, kind)])
-            elif method == "residual" and args.residual_results and _same_base(args.residual_results, base):
+            elif method == "residual" and args.residual_results:
                 summary = record_from_residual_result(Path(args.residual_results), args.seed, base)
-            elif args.only_reuse or method not in (*METHODS, "bc_only"):
-                continue   # a variant (or, with --only-reuse, any method) is only recorded from a given run
-            else:
+            if summary is None:
+                if args.only_reuse or method not in (*METHODS, "bc_only"):
+                    continue   # a variant (or, with --only-reuse, any method) is only recorded from a given run
                 summary = run_method(method, args.task, base, budget, args.seed, args.eval_episodes, runs, extra)
             entry["methods"][method] = summary
             low, high = summary["final_success_ci"]

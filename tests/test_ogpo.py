@@ -355,6 +355,8 @@ def test_ratio_log_prob_is_the_clamped_element_mean_over_the_executed_steps(kind
     executed = elements[:, :, : policy.config.n_action_steps].clamp(-5.0, 2.0)
     assert torch.allclose(mean, executed.mean(dim=(-1, -2)), atol=1e-5)
     assert torch.allclose(full, elements.sum(dim=(-1, -2)), atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(ratio_log_prob(policy, flat, chains, last_transitions=2), mean[:, -2:])
     # Moving only the unexecuted tail of the emitted chunk (the last transition's output, no step's input)
     # leaves the ratio's log-prob as it was; the full density notices.
     moved = chains.clone()

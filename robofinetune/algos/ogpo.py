@@ -235,16 +235,19 @@ LOG_PROB_CLAMP = (-5.0, 2.0)   # DPPO's clamp of per-element log-densities befor
 
 
 def ratio_log_prob(policy: GenerativePolicy, flat_obs: torch.Tensor, chains: torch.Tensor,
-                   element_mean: bool = True) -> torch.Tensor:
-    """(N, K) log-probabilities the PPO ratio is built from. ``element_mean``: DPPO's per-element mean over the
-    executed part of the chunk (clamped), so that a ratio of 1 +- clip means the same per-element change for
-    any chunk size and the unexecuted tail of the chunk, which the return never saw, does not move it;
-    otherwise the transition's full density (``chain_log_prob``)."""
+                   element_mean: bool = True, last_transitions: int = 0) -> torch.Tensor:
+    """(N, K') log-probabilities the PPO ratio is built from, of the chain's last ``last_transitions``
+    transitions (0 = all K; OGPO's ``ppo_last_transitions``, DPPO's ``ft_denoising_steps``). ``element_mean``:
+    DPPO's per-element mean over the executed part of the chunk (clamped), so that a ratio of 1 +- clip means
+    the same per-element change for any chunk size and the unexecuted tail of the chunk, which the return never
+    saw, does not move it; otherwise the transition's full density (``chain_log_prob``)."""
     obs = unflatten_history(flat_obs, policy)
     if not element_mean:
-        return policy.chain_log_prob(obs, chains)
-    elements = policy.chain_log_prob(obs, chains, per_element=True)[:, :, : policy.config.n_action_steps]
-    return elements.clamp(*LOG_PROB_CLAMP).mean(dim=(-1, -2))
+        log_prob = policy.chain_log_prob(obs, chains)
+    else:
+        elements = policy.chain_log_prob(obs, chains, per_element=True)[:, :, : policy.config.n_action_steps]
+        log_prob = elements.clamp(*LOG_PROB_CLAMP).mean(dim=(-1, -2))
+    return log_prob[:, -last_transitions:] if last_transitions else log_prob
 
 
 def ppo_chain_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip: float,
@@ -546,9 +549,8 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
     with torch.no_grad():
         group_states = states.repeat_interleave(group, dim=0)            # rows of one state are consecutive
         chains = sample_chains(policy, group_states, learner.chain_steps)
-        old_log_prob = ratio_log_prob(policy, group_states, chains, config.ratio_element_mean)
-        last = config.ppo_last_transitions or old_log_prob.shape[1]
-        old_log_prob = old_log_prob[:, -last:]
+        old_log_prob = ratio_log_prob(policy, group_states, chains, config.ratio_element_mean,
+                                      config.ppo_last_transitions)
         q_heads = learner.critic(critic_observation(group_states, policy), executed_chunk(chains[:, -1], n_act))
         head_advantages = group_relative(q_heads, group)
         advantage = conservative_advantage(head_advantages) if config.conservative_advantage else head_advantages.mean(0)
@@ -564,8 +566,8 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
             loss = torch.zeros(())
             if start is not None:
                 rows = order[start: start + config.actor_minibatch]
-                new_log_prob = ratio_log_prob(policy, group_states[rows], chains[rows],
-                                              config.ratio_element_mean)[:, -last:]
+                new_log_prob = ratio_log_prob(policy, group_states[rows], chains[rows], config.ratio_element_mean,
+                                              config.ppo_last_transitions)
                 pg_loss, ppo_stats = ppo_chain_loss(new_log_prob, old_log_prob[rows], advantage[rows], config.clip_ratio,
                                                     config.denoising_discount, config.max_log_ratio)
                 # The objective is the mean over *all* chains, zero-advantage ones included: scaling each
@@ -645,9 +647,8 @@ def build_on_policy_batch(learner: DPPOLearner, sequences: list[list[ChunkTransi
     with torch.no_grad():
         value, next_value = learner.values(obs).numpy(), learner.values(next_obs).numpy()
         log_prob = torch.cat([ratio_log_prob(policy, obs[i: i + 512], chains[i: i + 512],
-                                             learner.config.ratio_element_mean)
+                                             learner.config.ratio_element_mean, settings.ft_denoising_steps)
                               for i in range(0, len(transitions), 512)])
-    ft_steps = settings.ft_denoising_steps or log_prob.shape[1]
     advantage = np.zeros(len(transitions))
     start = 0
     for sequence in sequences:
@@ -658,7 +659,7 @@ def build_on_policy_batch(learner: DPPOLearner, sequences: list[list[ChunkTransi
             np.array([t.terminated or t.truncated for t in sequence]), settings.gae_lambda)
         start = end
     returns = advantage + value
-    return OnPolicyBatch(obs, chains, log_prob[:, -ft_steps:], torch.as_tensor(advantage, dtype=torch.float32),
+    return OnPolicyBatch(obs, chains, log_prob, torch.as_tensor(advantage, dtype=torch.float32),
                          torch.as_tensor(returns, dtype=torch.float32))
 
 
@@ -669,15 +670,15 @@ def dppo_update(learner: DPPOLearner, batch: OnPolicyBatch, success: SuccessBuff
     advantage = batch.advantage
     if settings.normalize_advantage and len(advantage) > 1:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-    ft_steps = batch.old_log_prob.shape[1]
     sums: dict[str, float] = {}
     steps = 0
     for _ in range(settings.epochs):
         order = torch.randperm(len(advantage), generator=learner.generator)
         for start in range(0, len(order), settings.minibatch):
             rows = order[start: start + settings.minibatch]
-            new_log_prob = ratio_log_prob(policy, batch.obs[rows], batch.chains[rows], config.ratio_element_mean)
-            pg_loss, ppo_stats = ppo_chain_loss(new_log_prob[:, -ft_steps:], batch.old_log_prob[rows], advantage[rows],
+            new_log_prob = ratio_log_prob(policy, batch.obs[rows], batch.chains[rows], config.ratio_element_mean,
+                                          settings.ft_denoising_steps)
+            pg_loss, ppo_stats = ppo_chain_loss(new_log_prob, batch.old_log_prob[rows], advantage[rows],
                                                 settings.clip_ratio, settings.denoising_discount, config.max_log_ratio)
             loss = pg_loss
             if success is not None and len(success) and settings.bc_coef > 0:
