@@ -162,6 +162,9 @@ def main() -> None:
                         help="take the residual row from a residual_can.py result (its --seed entry) instead of a run")
     parser.add_argument("--only-reuse", action="store_true",
                         help="train nothing: the table holds only the --reuse runs and --residual-results")
+    parser.add_argument("--carry", default=None,
+                        help="an earlier ogpo_<task>.json whose rows this run does not re-record are kept (their "
+                             "run folders may be gone); a row whose method is re-recorded is kept as <method>_previous")
     parser.add_argument("--note", default="", help="free text stored with the result (how the runs were made)")
     parser.add_argument("--runs-dir", default=str(Path(__file__).resolve().parent / "runs"))
     args = parser.parse_args()
@@ -192,9 +195,18 @@ def main() -> None:
     if args.note:
         result["note"] = args.note
     name = f"ogpo_{args.task}.json"
+    carried = json.loads(Path(args.carry).read_text()) if args.carry else None
+    if carried:
+        result["carried_from"] = {"file": args.carry, "commit": carried["commit"], "date": carried["date"],
+                                  "note": carried.get("note", "")}
     for kind, base in bases.items():
         entry: dict[str, Any] = {"path": base, "methods": {}}
         result["bases"][kind] = entry
+        if carried and kind in carried["bases"]:
+            recorded_now = {method for method in methods if (method, kind) in reuse}
+            for method, summary in carried["bases"][kind]["methods"].items():
+                name_here = f"{method}_previous" if method in recorded_now else method
+                entry["methods"][name_here] = {**summary, "carried": True}
         for method in methods:
             summary = None
             if (method, kind) in reuse:

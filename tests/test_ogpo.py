@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from robofinetune.algos.ogpo import (ChunkedActor, OGPOConfig, OGPOLearner, SuccessBuffer, conservative_advantage,
+from robofinetune.algos.ogpo import (ChunkedActor, OGPOConfig, OGPOLearner, SuccessBuffer, conservative_advantage, rms_scaled,
                                      demo_chunk_transitions, executed_chunk, group_relative, ogpo_actor_update,
                                      ppo_chain_loss, ratio_log_prob, unflatten_history)
 from robofinetune.data.episode import Episode
@@ -53,6 +53,18 @@ def test_group_baseline_is_the_group_mean_without_std_normalisation():
     q = torch.tensor([[1.0, 2.0, 3.0, 10.0, 10.0, 10.5]])   # one head, two states, groups of 3
     advantage = group_relative(q, group_size=3)
     assert torch.allclose(advantage, torch.tensor([[-1.0, 0.0, 1.0, -1 / 6, -1 / 6, 1 / 3]]))
+
+
+def test_rms_scale_keeps_signs_zeros_and_ratios_whatever_the_q_scale():
+    advantage = torch.tensor([0.002, 0.0, -0.001, 0.0, 0.004])
+    scaled = rms_scaled(advantage)
+    nonzero = scaled[scaled != 0]
+    assert nonzero.square().mean().sqrt().item() == pytest.approx(1.0)
+    assert torch.equal(scaled == 0, advantage == 0)
+    assert torch.equal(scaled.sign(), advantage.sign())
+    assert scaled[4].item() / scaled[0].item() == pytest.approx(2.0)
+    assert torch.allclose(rms_scaled(advantage * 1000), scaled)     # Q's scale no longer sets PPO's weight
+    assert torch.equal(rms_scaled(torch.zeros(3)), torch.zeros(3))
 
 
 def test_clipped_ratio_stops_the_gradient_outside_the_trust_region():

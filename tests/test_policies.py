@@ -163,3 +163,21 @@ def test_wrong_observation_is_named():
 def test_unet_policy_shapes():
     policy = make_policy("diffusion", network="unet", unet_dims=[16, 32])
     assert policy.sample(toy_obs(), steps=3).actions.shape == (3, 4, 2)
+
+
+def test_package_mish_is_torch_mish_in_value_and_gradient():
+    from torch import nn
+
+    from robofinetune.policies.networks import Mish
+
+    x = torch.linspace(-40.0, 40.0, 4001, dtype=torch.float64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_(True)
+    ours, theirs = Mish()(x), nn.Mish()(reference)
+    assert torch.allclose(ours, theirs, atol=1e-12, rtol=1e-10)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert torch.allclose(x.grad, reference.grad, atol=1e-10, rtol=1e-8)
+    for kind in ("diffusion", "flow"):
+        modules = list(make_policy(kind).modules())
+        assert any(isinstance(module, Mish) for module in modules)
+        assert not any(isinstance(module, nn.Mish) for module in modules)

@@ -128,6 +128,13 @@ class OGPOConfig:
     # to a large change of the step's mean (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) with abar near 0).
     ppo_last_transitions: int = 0
     conservative_advantage: bool = True
+    # One batch-wide scale on the advantages of a round: divide by their root mean square over the chains the
+    # conservative rule left active. Not GRPO's per-group std (a group whose chains the critic barely tells
+    # apart keeps a small weight next to one it separates well); it only makes PPO's term independent of Q's
+    # scale. With the sparse 0/1 reward the active advantages on can have an RMS of ~0.02 (4% of chains active),
+    # which left PPO's gradient 30-80x smaller than the BC term's (measured at 6k env steps from the weak
+    # diffusion / flow bases: pg_grad_norm x adv_rms vs bc_grad_norm in metrics.jsonl): the run was BC alone.
+    advantage_rms_scale: bool = True
     pg_coef: float = 1.0               # weight of the PPO term (0 = the BC-only ablation)
     max_log_ratio: float = 5.0         # log-ratio clamp before exp (the ratio is clipped anyway)
     max_grad_norm: float = 1.0
@@ -229,6 +236,15 @@ def conservative_advantage(head_advantages: torch.Tensor) -> torch.Tensor:
     lowest = head_advantages.min(dim=0).values
     highest = head_advantages.max(dim=0).values
     return torch.where(lowest > 0, lowest, torch.where(highest < 0, highest, torch.zeros_like(lowest)))
+
+
+def rms_scaled(advantage: torch.Tensor) -> torch.Tensor:
+    """Advantages divided by their root mean square over the non-zero ones: one scale for the whole round,
+    so signs, zeros (chains the conservative rule silenced) and the ratios between chains are kept."""
+    nonzero = advantage[advantage != 0]
+    if nonzero.numel() == 0:
+        return advantage
+    return advantage / nonzero.square().mean().sqrt().clamp_min(1e-12)
 
 
 LOG_PROB_CLAMP = (-5.0, 2.0)   # DPPO's clamp of per-element log-densities before the ratio
@@ -536,6 +552,12 @@ def _policy_step(learner_policy: GenerativePolicy, optimizer: torch.optim.Optimi
     return float(norm)
 
 
+def _gradient_norm(policy: GenerativePolicy, loss: torch.Tensor) -> float:
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+
+
 def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: SuccessBuffer | None) -> dict[str, float]:
     """One OGPO actor round on ``states`` (B, D) flat observation histories.
 
@@ -557,8 +579,13 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
     active = torch.nonzero(advantage != 0).squeeze(1) if config.pg_coef > 0 else advantage.new_zeros(0, dtype=torch.long)
     stats = {"adv_abs": advantage.abs().mean().item(), "adv_active": active.numel() / max(advantage.numel(), 1),
              "q_group_std": q_heads.mean(0).reshape(-1, group).std(dim=1).mean().item()}
+    if active.numel():
+        stats["adv_rms"] = advantage[active].square().mean().sqrt().item()
+    if config.advantage_rms_scale:
+        advantage = rms_scaled(advantage)
     sums: dict[str, float] = {}
     steps = 0
+    split_logged = False
     for _ in range(config.actor_epochs):
         order = active[torch.randperm(active.numel(), generator=learner.generator)]
         starts = range(0, order.numel(), config.actor_minibatch) if order.numel() else [None]
@@ -579,6 +606,11 @@ def ogpo_actor_update(learner: OGPOLearner, states: torch.Tensor, success: Succe
             if success is not None and len(success) and config.bc_coef > 0:
                 bc_obs, bc_actions = success.sample(config.bc_batch_size)
                 bc_loss = policy.bc_loss(unflatten_history(bc_obs, policy), bc_actions)
+                if not split_logged and start is not None:
+                    # Once a round, the two terms' gradient norms apart: how much PPO steers next to BC.
+                    stats["pg_grad_norm"] = _gradient_norm(policy, config.pg_coef * pg_loss * (active.numel() / advantage.numel()))
+                    stats["bc_grad_norm"] = _gradient_norm(policy, config.bc_coef * bc_loss)
+                    split_logged = True
                 loss = loss + config.bc_coef * bc_loss
                 sums["bc_loss"] = sums.get("bc_loss", 0.0) + bc_loss.item()
             if loss.requires_grad:
