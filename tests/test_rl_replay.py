@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from robofinetune.data.episode import Episode
-from robofinetune.rl import ReplayBuffer, sample_symmetric
+from robofinetune.rl import ReplayBuffer, sample_symmetric, symmetric_slots
 
 GAMMA = 0.9
 
@@ -101,6 +101,13 @@ def test_symmetric_sampling_takes_half_from_each_buffer():
     batch = sample_symmetric(offline, online, 64, n_step=3, gamma=GAMMA)
     assert (batch.obs == -1).sum() == 32 and (batch.obs == 1).sum() == 32
     assert (sample_symmetric(offline, online, 10, offline_fraction=0.2).obs == -1).sum() == 2
+    # the rows it takes, for data kept beside the buffers: same draws for the same sampler state
+    state = offline.rng.bit_generator.state, online.rng.bit_generator.state
+    parts = symmetric_slots(offline, online, 10, offline_fraction=0.2)
+    assert [(buffer, len(slots)) for buffer, slots in parts] == [(offline, 2), (online, 8)]
+    offline.rng.bit_generator.state, online.rng.bit_generator.state = state
+    again = sample_symmetric(offline, online, 10, offline_fraction=0.2)
+    assert np.array_equal(again.obs[:2], offline.obs[parts[0][1]]) and np.array_equal(again.obs[2:], online.obs[parts[1][1]])
 
 
 def test_state_dict_and_file_round_trip_restore_contents_and_sampling(tmp_path):

@@ -19,7 +19,8 @@ OGPO (mode "ogpo")
     critic    Q ensemble (shared ``robofinetune.rl.CriticEnsemble``) trained by TD on the replay buffer
               (shared ``ReplayBuffer``: demo chunks and online chunks, RLPD symmetric sampling):
                   y = R + gamma^k * mean over heads and over M next chunks a' ~ pi(s') of Q'_h(s', a')
-              (ensemble mean, Q-variance reduction by averaging over M sampled next actions).
+              (ensemble mean, Q-variance reduction by averaging over M sampled next actions). The a' of each
+              replay row are kept (``NextActionCache``) and re-sampled round-robin as the policy moves.
     actor     every ``actor_update_every`` env steps: for B replay states, sample G chains each from the
               current ("old", frozen for this round) policy; terminal reward Q_h(s, a0) per head;
                   A_h = Q_h - mean over the group of Q_h            (group baseline, no std normalisation)
@@ -56,7 +57,7 @@ from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError
 from robofinetune.policies import GenerativePolicy, save_policy
 from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
-                             flatten_observation, mlp, polyak_update, sample_symmetric)
+                             flatten_observation, mlp, polyak_update, sample_symmetric, symmetric_slots)
 from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.runs import Run
@@ -160,6 +161,11 @@ class OGPOConfig:
     # Q-variance reduction: the TD target is averaged over this many a' ~ pi(s'). Each costs critic_batch_size
     # more K-step chains per TD update, the largest CPU cost of OGPO, hence 2.
     next_action_samples: int = 2
+    # Keep those M chunks per replay row (sampled at the row's s') instead of sampling them inside every TD
+    # update, and re-sample ``next_action_refresh`` rows per env step, oldest first, so they follow the
+    # policy. A TD update then costs critic passes only, and the critic gets more of them per env step.
+    next_action_cache: bool = True
+    next_action_refresh: float = 32.0
     offline_fraction: float = 0.5      # share of demo chunks in critic batches and actor states
     buffer_capacity: int = 0           # online chunk transitions kept (0 = all)
     clip_target: bool = True           # sparse 0/1 reward with success terminating: Q lies in [0, 1]
@@ -490,6 +496,68 @@ def demo_chunk_transitions(episode: Episode, policy: GenerativePolicy, gamma: fl
     return {name: np.asarray(value) for name, value in rows.items()}
 
 
+# --- next actions for the TD target, kept per replay row ------------------------------------------------------
+
+class NextActionCache:
+    """M chunks a' ~ pi(s') for the bootstrap state s' of every row of one replay buffer (n_step 1: the row's
+    own ``next_obs``), in the executed, normalised form the critic takes.
+
+    Sampling them inside every TD update (2 x 256 chains of K = 10 denoiser passes) made it 2.3x (critic width
+    256) to 5.4x (width 128) dearer than its critic passes (``benchmarks/td_update.py``), which held the can preset
+    to 0.25 TD updates per env step. Kept here, they are refreshed round-robin (``refresh``), so each is at most
+    one refresh cycle (~1k env steps on can at 32 rows per env step) behind the policy, which PPO's small clip
+    moves slowly. The target is the same up to that lag; the random numbers drawn differ."""
+
+    def __init__(self, buffer: ReplayBuffer, samples: int, action_dim: int) -> None:
+        self.buffer, self.samples = buffer, int(samples)
+        self.actions = np.zeros((buffer.capacity, self.samples, action_dim), np.float32)
+        self.cursor = 0
+
+    @torch.no_grad()
+    def fill(self, slots: np.ndarray, policy: GenerativePolicy, chain_steps: int, batch: int = 1024) -> None:
+        """Sample fresh a' for ``slots`` with the policy as it is now."""
+        slots = np.asarray(slots, np.int64)
+        for start in range(0, len(slots), batch):
+            rows = slots[start: start + batch]
+            next_obs = torch.from_numpy(self.buffer.next_obs[rows]).repeat_interleave(self.samples, dim=0)
+            chain = sample_chains(policy, next_obs, chain_steps)
+            executed = executed_chunk(chain[:, -1], policy.config.n_action_steps)
+            self.actions[rows] = executed.reshape(len(rows), self.samples, -1).numpy()
+
+    def refresh(self, rows: int, policy: GenerativePolicy, chain_steps: int) -> None:
+        """Re-sample the next ``rows`` rows after the last refreshed one, wrapping over the rows held."""
+        size = len(self.buffer)
+        rows = min(int(rows), size)
+        if rows <= 0:
+            return
+        slots = (self.cursor + np.arange(rows)) % size
+        self.fill(slots, policy, chain_steps)
+        self.cursor = int((self.cursor + rows) % size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"actions": self.actions[: len(self.buffer)].copy(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        actions = np.asarray(state["actions"])
+        if actions.shape[1:] != self.actions.shape[1:] or len(actions) != len(self.buffer):
+            raise CheckpointError(f"cached next actions {actions.shape} do not fit the replay buffer "
+                                  f"({len(self.buffer)} rows, {self.actions.shape[1:]}): config field "
+                                  f"'next_action_samples' changed since the checkpoint?")
+        self.actions[: len(actions)] = actions
+        self.cursor = int(state["cursor"])
+
+
+def sample_critic_batch(offline: ReplayBuffer, online: ReplayBuffer, caches: dict[int, NextActionCache],
+                        config: OGPOConfig, gamma_chunk: float) -> tuple[TransitionBatch, torch.Tensor | None]:
+    """A symmetric critic batch and, with the cache on, its rows' kept next actions (B, M, A)."""
+    parts = symmetric_slots(offline, online, config.critic_batch_size, config.offline_fraction)
+    batch = TransitionBatch.concatenate([buffer.gather(slots, config.n_step, gamma_chunk) for buffer, slots in parts])
+    if not caches:
+        return batch.to_torch(), None
+    next_actions = np.concatenate([caches[id(buffer)].actions[slots] for buffer, slots in parts])
+    return batch.to_torch(), torch.from_numpy(next_actions)
+
+
 # --- learners and update steps ---------------------------------------------------------------------------------
 
 class OGPOLearner(CheckpointedLearner):
@@ -513,24 +581,30 @@ class OGPOLearner(CheckpointedLearner):
         self.actor_rounds = 0
 
 
-def mean_next_value(learner: OGPOLearner, next_obs: torch.Tensor) -> torch.Tensor:
-    """OGPO's TD bootstrap, (B,): the target ensemble's mean over heads, averaged over
-    ``next_action_samples`` chunks a' drawn from the current policy's stochastic chain at each s'."""
+def mean_next_value(learner: OGPOLearner, next_obs: torch.Tensor, next_actions: torch.Tensor | None = None) -> torch.Tensor:
+    """OGPO's TD bootstrap, (B,): the target ensemble's mean over heads, averaged over M chunks a' from the
+    policy's stochastic chain at each s': ``next_actions`` (B, M, A) when kept, else ``next_action_samples``
+    drawn now."""
     config, policy = learner.config, learner.policy
-    samples = max(1, config.next_action_samples)
-    repeated = next_obs.repeat_interleave(samples, dim=0)
-    chain = sample_chains(policy, repeated, learner.chain_steps)
-    q = learner.critic_target(critic_observation(repeated, policy),
-                              executed_chunk(chain[:, -1], policy.config.n_action_steps))
+    if next_actions is None:
+        samples = max(1, config.next_action_samples)
+        repeated = next_obs.repeat_interleave(samples, dim=0)
+        chain = sample_chains(policy, repeated, learner.chain_steps)
+        actions = executed_chunk(chain[:, -1], policy.config.n_action_steps)
+    else:
+        samples = next_actions.shape[1]
+        repeated = next_obs.repeat_interleave(samples, dim=0)
+        actions = next_actions.reshape(len(repeated), -1)
+    q = learner.critic_target(critic_observation(repeated, policy), actions)
     return q.mean(dim=0).reshape(-1, samples).mean(dim=1)
 
 
-def critic_update(learner: OGPOLearner, batch: TransitionBatch) -> dict[str, float]:
+def critic_update(learner: OGPOLearner, batch: TransitionBatch, next_actions: torch.Tensor | None = None) -> dict[str, float]:
     """One TD step of every head on a batch of chunk transitions:
     y = R + discount * mean_{h, a'} Q'_h(s', a'),  loss = sum_h mean (Q_h(s, a) - y)^2; Polyak target."""
     config, policy = learner.config, learner.policy
     with torch.no_grad():
-        target = batch.reward + batch.discount * mean_next_value(learner, batch.next_obs)
+        target = batch.reward + batch.discount * mean_next_value(learner, batch.next_obs, next_actions)
         if config.clip_target:
             target = target.clamp(0.0, 1.0)
     q = learner.critic(critic_observation(batch.obs, policy), batch.action)
@@ -758,6 +832,9 @@ def _check_config(config: OGPOConfig) -> None:
         raise ConfigError(f"config field 'ppo_last_transitions' must be >= 0 (0 = all), got {config.ppo_last_transitions}")
     if config.group_size < 2:
         raise ConfigError("config field 'group_size' must be >= 2: the baseline is the group's mean Q")
+    if config.mode == "ogpo" and config.next_action_cache and config.n_step != 1:
+        raise ConfigError(f"config field 'next_action_cache' keeps a' for each row's own next state, so it needs "
+                          f"n_step 1 (got n_step {config.n_step}); set --next_action_cache=false for n-step targets")
     if config.dppo.steps_per_iteration < config.num_envs:
         raise ConfigError("config field 'dppo.steps_per_iteration' must be >= num_envs")
 
@@ -811,6 +888,10 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         buffers = {"offline": ReplayBuffer(obs_dim, action_dim, max(sum(len(e) for e in demos), 1), seed=config.seed),
                    "online": ReplayBuffer(obs_dim, action_dim, capacity, seed=config.seed + 1)}
     learner: OGPOLearner | DPPOLearner = (OGPOLearner if config.mode == "ogpo" else DPPOLearner)(config, policy, chain_steps)
+    caches: dict[str, NextActionCache] = {}
+    if config.mode == "ogpo" and config.next_action_cache:
+        caches = {name: NextActionCache(buffer, max(1, config.next_action_samples), action_dim)
+                  for name, buffer in buffers.items()}
     loop = RunLoop(run, config.total_env_steps, config.task, eval_every=config.eval_every,
                    eval_episodes=config.eval_episodes, eval_envs=config.eval_envs, eval_seed=config.eval_seed,
                    checkpoint_every=config.checkpoint_every, progress=config.progress,
@@ -824,6 +905,12 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         if buffers:
             buffers["online"].end_streams()  # envs restart: episodes in flight at the checkpoint are over
+        if caches:
+            if "next_actions" not in state:
+                raise CheckpointError(f"{run.path}: the checkpoint has no cached next actions (written with "
+                                      f"--next_action_cache=false); resume with that setting")
+            for name, cache in caches.items():
+                cache.load_state_dict(state["next_actions"][name])
         print(f"resumed at {loop.env_steps} env steps")
     else:
         if config.bc_from_demos:
@@ -835,6 +922,8 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
                 buffers["offline"].add_transitions(rows["obs"], rows["action"], rows["reward"], rows["next_obs"],
                                         rows["terminated"], rows["truncated"],
                                         -(number * policy.config.n_action_steps + rows["stream"]) - 1)
+            if caches:
+                caches["offline"].fill(np.arange(len(buffers["offline"])), policy, chain_steps)
         if config.eval_base:
             evaluate(loop, policy, config, episodes=config.final_eval_episodes, label="base")
 
@@ -844,8 +933,9 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
                 "made_by": f"robofinetune train ogpo --task={config.task} --mode={config.mode}"}
 
     def save_checkpoint() -> None:
+        extra = {"next_actions": {name: cache.state_dict() for name, cache in caches.items()}} if caches else {}
         loop.save_checkpoint({"learner": learner.learner_state(), "success": success.state_dict(),
-                              "torch_rng": torch.get_rng_state()}, buffers)
+                              "torch_rng": torch.get_rng_state(), **extra}, buffers)
         save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
 
     from robofinetune.algos.ope import training_gate   # here, not at import: keeps scipy out of `--help` and tests
@@ -863,8 +953,8 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         actor.reset(seed=200_000 + 1_000 * config.seed + loop.env_steps)
         loop.start()
         if config.mode == "ogpo":
-            _ogpo_loop(config, learner, actor, loop, run, buffers["offline"], buffers["online"], success, gamma_chunk,
-                       save_checkpoint, periodic_eval)
+            _ogpo_loop(config, learner, actor, loop, run, buffers["offline"], buffers["online"], caches, success,
+                       gamma_chunk, save_checkpoint, periodic_eval)
         else:
             _dppo_loop(config, learner, actor, loop, run, success, save_checkpoint, periodic_eval)
     finally:
@@ -927,27 +1017,38 @@ class _Stats:
 
 
 def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, loop: RunLoop, run: Run,
-               offline: ReplayBuffer, online: ReplayBuffer, success: SuccessBuffer, gamma_chunk: float,
-               save_checkpoint: Callable[[], None], periodic_eval: Callable[[], None]) -> None:
+               offline: ReplayBuffer, online: ReplayBuffer, caches: dict[str, NextActionCache], success: SuccessBuffer,
+               gamma_chunk: float, save_checkpoint: Callable[[], None], periodic_eval: Callable[[], None]) -> None:
     stats = _Stats()
-    update_debt = 0.0
+    update_debt, refresh_debt = 0.0, 0.0
     window_start, window_steps = time.time(), 0
+    by_buffer = {id(buffer): caches[name] for name, buffer in (("offline", offline), ("online", online))} if caches else {}
 
-    def critic_updates(count: int) -> None:
+    def learn_while_envs_step(count: int, refresh_rows: int) -> None:
+        # critic updates and next-action refreshes overlap the env processes' stepping
         for _ in range(count):
-            batch = sample_symmetric(offline, online, config.critic_batch_size, config.n_step, gamma_chunk,
-                                     config.offline_fraction).to_torch()
-            stats.add("critic", critic_update(learner, batch))
+            batch, next_actions = sample_critic_batch(offline, online, by_buffer, config, gamma_chunk)
+            stats.add("critic", critic_update(learner, batch, next_actions))
+        held = len(offline) + len(online)
+        for name, cache in caches.items():
+            cache.refresh(round(refresh_rows * len(cache.buffer) / max(held, 1)), learner.policy, learner.chain_steps)
 
     while not loop.finished:
         has_data = len(online) + len(offline) > 0
         update_debt += config.critic_updates_per_step * config.num_envs if has_data else 0.0
         count = int(update_debt)
         update_debt -= count
-        step, chunks, episodes = actor.step(while_waiting=lambda: critic_updates(count))
-        for chunk in chunks:
-            online.add_transitions(chunk.obs[None], chunk.action[None], np.array([chunk.reward]), chunk.next_obs[None],
-                                   np.array([chunk.terminated]), np.array([chunk.truncated]), [chunk.env_index])
+        refresh_debt += config.next_action_refresh * config.num_envs if caches else 0.0
+        refresh_rows = int(refresh_debt)
+        refresh_debt -= refresh_rows
+        step, chunks, episodes = actor.step(while_waiting=lambda: learn_while_envs_step(count, refresh_rows))
+        if chunks:
+            slots = online.add_transitions(np.stack([c.obs for c in chunks]), np.stack([c.action for c in chunks]),
+                                           np.array([c.reward for c in chunks]), np.stack([c.next_obs for c in chunks]),
+                                           np.array([c.terminated for c in chunks]),
+                                           np.array([c.truncated for c in chunks]), [c.env_index for c in chunks])
+            if caches:
+                caches["online"].fill(slots, learner.policy, learner.chain_steps)
         if config.bc_online_successes:
             for episode in episodes:
                 success.add_episode(episode)

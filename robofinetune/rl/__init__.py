@@ -6,7 +6,8 @@
 - ``ReplayBuffer(obs_dim, action_dim, capacity, seed)``: flat numpy storage, ``add_transitions`` (one row
   per env), ``add_episode(Episode, obs_keys, extra)``, ``sample(batch, n_step, gamma)`` with n-step returns and
   bootstrap discounts that stop at terminals, ``state_dict``/``load_state_dict``/``save``/``load``;
-  ``sample_symmetric(offline, online, batch, ...)`` (RLPD); ``flatten_observation(obs, keys)``.
+  ``sample_symmetric(offline, online, batch, ...)`` (RLPD), ``symmetric_slots`` (the rows it takes);
+  ``flatten_observation(obs, keys)``.
 - ``VectorRollout(envs, reset_hooks)``: steps a SAME_STEP-autoreset vector env, returns transitions whose
   next observation is the true one at episode ends, finished-episode outcomes, resets per-env policy state.
 - ``RunLoop(run, total_env_steps, task, ...)``: progress bar, periodic eval, success-curve PNG, checkpoints
@@ -14,10 +15,11 @@
 """
 
 from robofinetune.rl.critic import CriticEnsemble, LoopCriticEnsemble, ensemble_min_target, mlp, polyak_update
-from robofinetune.rl.replay import ReplayBuffer, TransitionBatch, flatten_observation, sample_symmetric
+from robofinetune.rl.replay import (ReplayBuffer, TransitionBatch, flatten_observation, sample_symmetric,
+                                    symmetric_slots)
 from robofinetune.rl.rollout import EpisodeOutcome, StepTransitions, VectorRollout
 from robofinetune.rl.runloop import RunLoop
 
 __all__ = ["CriticEnsemble", "LoopCriticEnsemble", "ensemble_min_target", "mlp", "polyak_update", "ReplayBuffer",
-           "TransitionBatch", "flatten_observation", "sample_symmetric", "EpisodeOutcome", "StepTransitions",
-           "VectorRollout", "RunLoop"]
+           "TransitionBatch", "flatten_observation", "sample_symmetric", "symmetric_slots", "EpisodeOutcome",
+           "StepTransitions", "VectorRollout", "RunLoop"]

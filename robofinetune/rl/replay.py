@@ -146,9 +146,13 @@ class ReplayBuffer:
 
     # --- sampling -------------------------------------------------------------------------------------------
     def sample(self, batch_size: int, n_step: int = 1, gamma: float = 0.99) -> TransitionBatch:
+        return self.gather(self.sample_slots(batch_size), n_step, gamma)
+
+    def sample_slots(self, batch_size: int) -> np.ndarray:
+        """``batch_size`` slots drawn uniformly, with replacement, from the rows held."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        return self.gather(self.rng.integers(0, self.size, size=batch_size), n_step, gamma)
+        return self.rng.integers(0, self.size, size=batch_size)
 
     def gather(self, slots: np.ndarray, n_step: int = 1, gamma: float = 0.99) -> TransitionBatch:
         """n-step transitions starting at ``slots``: reward sums over up to ``n_step`` rows of the same
@@ -222,15 +226,23 @@ class ReplayBuffer:
         self.load_state_dict(state)
 
 
+def symmetric_slots(offline: ReplayBuffer, online: ReplayBuffer, batch_size: int,
+                    offline_fraction: float = 0.5) -> list[tuple[ReplayBuffer, np.ndarray]]:
+    """The rows RLPD's symmetric sampling takes, as (buffer, slots) pairs: ``offline_fraction`` of the batch
+    from the demos, the rest from online data (all from whichever buffer is non-empty when the other is empty).
+    For callers that keep per-row data beside the buffers (OGPO's cached next actions)."""
+    if len(online) == 0:
+        return [(offline, offline.sample_slots(batch_size))]
+    if len(offline) == 0:
+        return [(online, online.sample_slots(batch_size))]
+    offline_rows = int(round(batch_size * offline_fraction))
+    return [(buffer, buffer.sample_slots(rows))
+            for buffer, rows in ((offline, offline_rows), (online, batch_size - offline_rows)) if rows > 0]
+
+
 def sample_symmetric(offline: ReplayBuffer, online: ReplayBuffer, batch_size: int, n_step: int = 1,
                      gamma: float = 0.99, offline_fraction: float = 0.5) -> TransitionBatch:
-    """RLPD's symmetric sampling: ``offline_fraction`` of the batch from the demos, the rest from online data
-    (all from whichever buffer is non-empty when the other is empty)."""
-    if len(online) == 0:
-        return offline.sample(batch_size, n_step, gamma)
-    if len(offline) == 0:
-        return online.sample(batch_size, n_step, gamma)
-    offline_rows = int(round(batch_size * offline_fraction))
-    parts = [buffer.sample(rows, n_step, gamma)
-             for buffer, rows in ((offline, offline_rows), (online, batch_size - offline_rows)) if rows > 0]
+    """RLPD's symmetric sampling (:func:`symmetric_slots`) gathered into one batch of n-step transitions."""
+    parts = [buffer.gather(slots, n_step, gamma)
+             for buffer, slots in symmetric_slots(offline, online, batch_size, offline_fraction)]
     return parts[0] if len(parts) == 1 else TransitionBatch.concatenate(parts)
