@@ -12,14 +12,13 @@ policy and inputs (a ratio is meaningful even on a busy machine; the absolute ti
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from common import provenance, write_result
+from common import median_seconds_alternating, provenance, write_result
 
 
 def swap_activations(module: nn.Module, replacement: type[nn.Module]) -> int:
@@ -67,15 +66,15 @@ def main() -> None:
         config = policy.config
         observation = {key: torch.randn(args.batch, config.n_obs_steps, *config.obs_shapes[key])
                        for key in config.obs_keys}
-        times: dict[str, list[float]] = {"torch_mish": [], "package_mish": []}
-        for activation, name in ((nn.Mish, "torch_mish"), (Mish, "package_mish")):
-            swap_activations(policy, activation)
-            time_sampling(policy, observation, args.steps)   # warm-up
-        for _ in range(args.repeats):
-            for activation, name in ((nn.Mish, "torch_mish"), (Mish, "package_mish")):
-                swap_activations(policy, activation)
-                times[name].append(time_sampling(policy, observation, args.steps))
-        medians = {name: statistics.median(values) for name, values in times.items()}
+
+        def with_activation(activation: type[nn.Module]) -> Callable[[], float]:
+            def measure() -> float:
+                swap_activations(policy, activation)   # outside the timed sampling
+                return time_sampling(policy, observation, args.steps)
+            return measure
+
+        medians = median_seconds_alternating({"torch_mish": with_activation(nn.Mish),
+                                              "package_mish": with_activation(Mish)}, args.repeats)
         entry = {"kind": type(policy).__name__, "median_s": medians,
                  "torch_over_package": medians["torch_mish"] / medians["package_mish"]}
         result["policies"][path] = entry

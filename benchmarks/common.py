@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,3 +28,15 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     os.replace(temporary, path)
     print(f"wrote {path}")
     return path
+
+
+def median_seconds_alternating(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of the seconds each variant's callable reports: one warm-up call each, then ``repeats`` rounds that
+    call every variant in turn, so that a busy machine slows them alike and their ratio stays meaningful."""
+    for measure in variants.values():
+        measure()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, measure in variants.items():
+            times[name].append(measure())
+    return {name: statistics.median(values) for name, values in times.items()}

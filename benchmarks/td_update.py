@@ -13,13 +13,12 @@ times are not).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from common import provenance, write_result
+from common import median_seconds_alternating, provenance, write_result
 
 
 def main() -> None:
@@ -53,16 +52,16 @@ def main() -> None:
     for width in args.widths:
         config = OGPOConfig(base=base, critic_hidden_dim=width, next_action_samples=args.samples)
         learner = OGPOLearner(config, policy, chain_steps)
-        variants = {"sampled": None, "kept": kept}
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for next_actions in variants.values():
-            critic_update(learner, batch, next_actions)   # warm-up
-        for _ in range(args.repeats):
-            for name, next_actions in variants.items():
+
+        def with_next_actions(next_actions: torch.Tensor | None) -> Callable[[], float]:
+            def measure() -> float:
                 started = time.perf_counter()
                 critic_update(learner, batch, next_actions)
-                times[name].append(time.perf_counter() - started)
-        medians = {name: statistics.median(values) for name, values in times.items()}
+                return time.perf_counter() - started
+            return measure
+
+        medians = median_seconds_alternating({"sampled": with_next_actions(None), "kept": with_next_actions(kept)},
+                                             args.repeats)
         entry = {"median_s": medians, "sampled_over_kept": medians["sampled"] / medians["kept"]}
         result["widths"][str(width)] = entry
         print(f"critic 10 x 2 x {width}, batch {args.batch}, {args.samples} a' per row, K = {chain_steps}: "

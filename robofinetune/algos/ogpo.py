@@ -498,6 +498,12 @@ def demo_chunk_transitions(episode: Episode, policy: GenerativePolicy, gamma: fl
 
 # --- next actions for the TD target, kept per replay row ------------------------------------------------------
 
+def sample_next_actions(policy: GenerativePolicy, next_obs: torch.Tensor, samples: int, chain_steps: int) -> torch.Tensor:
+    """(B, M, A): M executed chunks a' from the policy's stochastic chain at each of B flat histories s'."""
+    chain = sample_chains(policy, next_obs.repeat_interleave(samples, dim=0), chain_steps)
+    return executed_chunk(chain[:, -1], policy.config.n_action_steps).reshape(len(next_obs), samples, -1)
+
+
 class NextActionCache:
     """M chunks a' ~ pi(s') for the bootstrap state s' of every row of one replay buffer (n_step 1: the row's
     own ``next_obs``), in the executed, normalised form the critic takes.
@@ -519,10 +525,8 @@ class NextActionCache:
         slots = np.asarray(slots, np.int64)
         for start in range(0, len(slots), batch):
             rows = slots[start: start + batch]
-            next_obs = torch.from_numpy(self.buffer.next_obs[rows]).repeat_interleave(self.samples, dim=0)
-            chain = sample_chains(policy, next_obs, chain_steps)
-            executed = executed_chunk(chain[:, -1], policy.config.n_action_steps)
-            self.actions[rows] = executed.reshape(len(rows), self.samples, -1).numpy()
+            next_obs = torch.from_numpy(self.buffer.next_obs[rows])
+            self.actions[rows] = sample_next_actions(policy, next_obs, self.samples, chain_steps).numpy()
 
     def refresh(self, rows: int, policy: GenerativePolicy, chain_steps: int) -> None:
         """Re-sample the next ``rows`` rows after the last refreshed one, wrapping over the rows held."""
@@ -547,14 +551,15 @@ class NextActionCache:
         self.cursor = int(state["cursor"])
 
 
-def sample_critic_batch(offline: ReplayBuffer, online: ReplayBuffer, caches: dict[int, NextActionCache],
+def sample_critic_batch(offline: ReplayBuffer, online: ReplayBuffer, caches: dict[str, NextActionCache],
                         config: OGPOConfig, gamma_chunk: float) -> tuple[TransitionBatch, torch.Tensor | None]:
     """A symmetric critic batch and, with the cache on, its rows' kept next actions (B, M, A)."""
     parts = symmetric_slots(offline, online, config.critic_batch_size, config.offline_fraction)
     batch = TransitionBatch.concatenate([buffer.gather(slots, config.n_step, gamma_chunk) for buffer, slots in parts])
     if not caches:
         return batch.to_torch(), None
-    next_actions = np.concatenate([caches[id(buffer)].actions[slots] for buffer, slots in parts])
+    cache_of = {id(cache.buffer): cache for cache in caches.values()}
+    next_actions = np.concatenate([cache_of[id(buffer)].actions[slots] for buffer, slots in parts])
     return batch.to_torch(), torch.from_numpy(next_actions)
 
 
@@ -587,15 +592,10 @@ def mean_next_value(learner: OGPOLearner, next_obs: torch.Tensor, next_actions: 
     drawn now."""
     config, policy = learner.config, learner.policy
     if next_actions is None:
-        samples = max(1, config.next_action_samples)
-        repeated = next_obs.repeat_interleave(samples, dim=0)
-        chain = sample_chains(policy, repeated, learner.chain_steps)
-        actions = executed_chunk(chain[:, -1], policy.config.n_action_steps)
-    else:
-        samples = next_actions.shape[1]
-        repeated = next_obs.repeat_interleave(samples, dim=0)
-        actions = next_actions.reshape(len(repeated), -1)
-    q = learner.critic_target(critic_observation(repeated, policy), actions)
+        next_actions = sample_next_actions(policy, next_obs, max(1, config.next_action_samples), learner.chain_steps)
+    samples = next_actions.shape[1]
+    repeated = next_obs.repeat_interleave(samples, dim=0)
+    q = learner.critic_target(critic_observation(repeated, policy), next_actions.reshape(len(repeated), -1))
     return q.mean(dim=0).reshape(-1, samples).mean(dim=1)
 
 
@@ -1022,12 +1022,11 @@ def _ogpo_loop(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, lo
     stats = _Stats()
     update_debt, refresh_debt = 0.0, 0.0
     window_start, window_steps = time.time(), 0
-    by_buffer = {id(buffer): caches[name] for name, buffer in (("offline", offline), ("online", online))} if caches else {}
 
     def learn_while_envs_step(count: int, refresh_rows: int) -> None:
         # critic updates and next-action refreshes overlap the env processes' stepping
         for _ in range(count):
-            batch, next_actions = sample_critic_batch(offline, online, by_buffer, config, gamma_chunk)
+            batch, next_actions = sample_critic_batch(offline, online, caches, config, gamma_chunk)
             stats.add("critic", critic_update(learner, batch, next_actions))
         held = len(offline) + len(online)
         for name, cache in caches.items():
