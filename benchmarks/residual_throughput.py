@@ -1,109 +1,160 @@
-"""Critic-update throughput of the residual learner: the batched critic ensemble vs a Python loop over heads.
+"""Env steps per second of `robofinetune train residual` on can, this commit against an earlier one.
 
-Runs the real update step (:func:`robofinetune.algos.residual.td3_update`: critic update, every second step an
-actor update, Polyak averaging) on can-sized inputs (23-dim state + 7-dim base action, 7-dim action) from a
-replay buffer, first with the batched ``CriticEnsemble``, then with the same weights as per-head modules,
-alternating rounds so both see the same machine load. Also times a few updates at ResFiT's published critic
-size (10 heads of 2 x 1024) to show why the CPU preset is smaller.
+Each variant runs the real command (``robofinetune train residual --task=can``) from its own checkout (the
+earlier commit in a temporary ``git worktree``) with the same base, demos, seed and settings, one after the
+other on an otherwise idle machine. The figure is the rate over a steady window after the warm-up, when the
+actor learns (UTD 2, an actor update every second critic update): env steps in the window / wall seconds, read
+from the run's ``metrics.jsonl``. While the window runs, the CPU time of the learner process and of each env
+process is sampled from ``/proc``, so the JSON says how much of the machine each used.
 
-    python benchmarks/residual_throughput.py [--updates=300] [--rounds=3] [--threads=1]
-Writes benchmarks/results/residual_throughput.json.
+    python benchmarks/residual_throughput.py [--before=e1de6ac] [--window=5000] [--warmup=1000] [--settle=1000]
+
+The warm-up is shortened to 1k env steps (the default run has 5k): what it changes is when the window starts,
+not what a step costs after it. Evaluations and checkpoints are off inside the measured span.
+Writes benchmarks/results/residual_throughput.json (``train_env_steps_per_s`` {before, after, ratio}).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-
-import numpy as np
-import torch
+from pathlib import Path
 
 from common import provenance, write_result
 
-from robofinetune.algos.residual import ResidualActor, ResidualConfig, ResidualLearner, td3_update
-from robofinetune.rl import ReplayBuffer, sample_symmetric
-
-OBS_DIM, ACTION_DIM = 23, 7
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def make_learner(config: ResidualConfig, loop: bool) -> ResidualLearner:
-    torch.manual_seed(config.seed)
-    actor = ResidualActor(OBS_DIM, ACTION_DIM, config.actor_hidden_dim, config.actor_depth, config.layer_norm,
-                          config.action_scale)
-    learner = ResidualLearner(config, actor)
-    if loop:
-        learner.critic = learner.critic.head_modules()
-        learner.critic_target = learner.critic_target.head_modules().requires_grad_(False)
-        learner.critic_optimizer = torch.optim.Adam(learner.critic.parameters(), lr=config.critic_lr)
-    return learner
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> command name of ``root`` and all its descendants."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
+    tree, frontier = {root: names.get(root, "?")}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree[pid] = names[pid]
+                frontier.append(pid)
+    return tree
 
 
-def filled_buffers(seed: int) -> tuple[ReplayBuffer, ReplayBuffer]:
-    rng = np.random.default_rng(seed)
-    buffers = []
-    for index in range(2):
-        buffer = ReplayBuffer(OBS_DIM + ACTION_DIM, ACTION_DIM, capacity=20_000, seed=seed + index)
-        rows = 20_000
-        buffer.add_transitions(rng.normal(size=(rows, OBS_DIM + ACTION_DIM)), rng.uniform(-1, 1, (rows, ACTION_DIM)),
-                               (rng.random(rows) < 0.01).astype(np.float32), rng.normal(size=(rows, OBS_DIM + ACTION_DIM)),
-                               rng.random(rows) < 0.01, np.zeros(rows, bool), np.arange(rows) % 2)
-        buffers.append(buffer)
-    return buffers[0], buffers[1]
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS   # utime + stime
 
 
-def time_updates(learner: ResidualLearner, buffers, updates: int, config: ResidualConfig) -> dict[str, float]:
-    offline, online = buffers
-    batches = [sample_symmetric(offline, online, config.batch_size, config.n_step, config.gamma).to_torch()
-               for _ in range(updates)]
-    td3_update(learner, batches[0], True)  # warm-up
-    wall, cpu = time.perf_counter(), time.process_time()
-    for index, batch in enumerate(batches):
-        td3_update(learner, batch, update_actor=index % config.actor_update_every == 0)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"updates_per_s": updates / wall, "updates_per_cpu_s": updates / cpu}
+def metric_rows(run_root: Path) -> list[dict]:
+    files = list(run_root.glob("*/metrics.jsonl"))
+    if not files:
+        return []
+    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+
+
+def run_variant(name: str, checkout: Path, args: argparse.Namespace, base: Path, dataset: Path) -> dict:
+    """Run ``train residual`` from ``checkout``; return the window's rate and each process's CPU share."""
+    runs_dir = Path(tempfile.mkdtemp(prefix=f"throughput_{name}_"))
+    warmup, window_start = args.warmup, args.warmup + args.settle
+    window_end = window_start + args.window
+    flags = [f"--base={base}", f"--dataset={dataset}", f"--seed={args.seed}", f"--warmup_steps={warmup}",
+             f"--total_env_steps={window_end}", "--eval_every=0", "--checkpoint_every=0", "--log_every=1000",
+             "--final_eval_episodes=2", "--progress=false", "--gate=false"]
+    command = [sys.executable, "-c", "import sys; from robofinetune.cli import main; sys.exit(main())",
+               "train", "residual", "--task=can", f"--runs-dir={runs_dir}", *flags]
+    environment = {**os.environ, "PYTHONPATH": str(checkout)}
+    print(f"[{name}] {checkout}: train residual to {window_end} env steps (window {window_start}-{window_end})",
+          flush=True)
+    log = open(runs_dir / "stdout.log", "w")
+    process = subprocess.Popen(command, cwd=checkout, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    snapshots: dict[str, tuple[float, dict[int, tuple[str, float]]]] = {}
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+            steps = max((row["step"] for row in metric_rows(runs_dir) if "perf/env_steps_per_s" in row), default=0)
+            for label, edge in (("start", window_start), ("end", window_end)):
+                if label not in snapshots and steps >= edge:
+                    tree = process_tree(process.pid)
+                    snapshots[label] = (time.time(), {pid: (command_name, cpu_seconds(pid) or 0.0)
+                                                      for pid, command_name in tree.items()})
+        if process.returncode != 0:
+            raise SystemExit(f"[{name}] train residual failed, see {runs_dir / 'stdout.log'}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    rows = [row for row in metric_rows(runs_dir) if "perf/env_steps_per_s" in row]
+    # each row covers the log_every steps before it; its timestamp closes that span
+    times = {row["step"]: row["time"] for row in rows}
+    if window_start not in times or window_end not in times:
+        raise SystemExit(f"[{name}] metrics lack steps {window_start}/{window_end}: {sorted(times)}")
+    rate = args.window / (times[window_end] - times[window_start])
+    updates = [row["perf/updates_per_s"] for row in rows if window_start < row["step"] <= window_end]
+    processes = {}
+    if "start" in snapshots and "end" in snapshots:
+        (wall_start, start), (wall_end, end) = snapshots["start"], snapshots["end"]
+        for pid, (command_name, seconds) in end.items():
+            if pid in start:
+                role = "learner" if pid == process.pid else f"env {pid}"
+                processes[role] = round(100.0 * (seconds - start[pid][1]) / (wall_end - wall_start), 1)
+    print(f"[{name}] {rate:.2f} env steps/s over steps {window_start}-{window_end}; CPU % {processes}", flush=True)
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    return {"env_steps_per_s": rate, "critic_updates_per_s_while_updating": sum(updates) / max(len(updates), 1),
+            "cpu_percent": processes, "window": [window_start, window_end]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--updates", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="e1de6ac", help="the commit to compare against")
+    parser.add_argument("--window", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--settle", type=int, default=1000, help="env steps after the warm-up before the window")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--published-updates", type=int, default=5, help="updates timed at 10 x 2 x 1024 (0 = skip)")
+    parser.add_argument("--base", default=str(REPO / "policies/can/weak_diffusion"))
+    parser.add_argument("--dataset", default=str(REPO / "datasets/can_scripted_200.hdf5"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = ResidualConfig(seed=args.seed)
-    buffers = filled_buffers(args.seed)
-    results: dict[str, list[dict[str, float]]] = {"batched": [], "loop": []}
-    for round_index in range(args.rounds):
-        for name in ("batched", "loop"):
-            figures = time_updates(make_learner(config, loop=name == "loop"), buffers, args.updates, config)
-            results[name].append(figures)
-            print(f"round {round_index}: {name:8s} {figures['updates_per_s']:7.1f} updates/s "
-                  f"({figures['updates_per_cpu_s']:.1f} per CPU-second)")
-    summary = {name: {key: float(np.median([r[key] for r in rows])) for key in rows[0]} for name, rows in results.items()}
-    speedup = summary["batched"]["updates_per_cpu_s"] / summary["loop"]["updates_per_cpu_s"]
-    print(f"median: batched {summary['batched']['updates_per_s']:.1f}/s, loop {summary['loop']['updates_per_s']:.1f}/s, "
-          f"batched/loop (CPU time) {speedup:.2f}x")
-    published = None
-    if args.published_updates:
-        big = ResidualConfig(seed=args.seed, critic_hidden_dim=1024)
-        figures = time_updates(make_learner(big, loop=False), buffers, args.published_updates, big)
-        published = {"critic": "10 heads x 2 x 1024", **figures,
-                     "hours_for_400k_updates": 400_000 / figures["updates_per_s"] / 3600,
-                     "cpu_hours_for_400k_updates": 400_000 / figures["updates_per_cpu_s"] / 3600}
-        print(f"published size (10 x 2 x 1024): {figures['updates_per_s']:.2f} updates/s "
-              f"({figures['updates_per_cpu_s']:.2f} per CPU-second) -> {published['cpu_hours_for_400k_updates']:.0f} "
-              f"CPU-hours for ResFiT's 100k env steps x UTD 4")
+    dataset, base = Path(args.dataset).resolve(), Path(args.base).resolve()
+    if not dataset.exists():
+        raise SystemExit(f"{dataset} not found: run `robofinetune collect --task=can --source=scripted --episodes=200`")
+    worktree = Path(tempfile.mkdtemp(prefix="rft_before_"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.before], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        before = run_variant("before", worktree, args, base, dataset)
+        after = run_variant("after", REPO, args, base, dataset)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
+    ratio = after["env_steps_per_s"] / before["env_steps_per_s"]
+    print(f"train residual on can: {before['env_steps_per_s']:.2f} -> {after['env_steps_per_s']:.2f} env steps/s "
+          f"({ratio:.2f}x)")
     write_result("residual_throughput.json", {
-        **provenance(args.seed), "threads": args.threads, "updates_per_round": args.updates, "rounds": args.rounds,
-        "critic": f"{config.num_critics} heads x {config.critic_depth} x {config.critic_hidden_dim}, LayerNorm",
-        "batch_size": config.batch_size, "obs_dim": OBS_DIM + ACTION_DIM, "action_dim": ACTION_DIM,
-        "batched": summary["batched"], "loop": summary["loop"], "batched_over_loop_cpu": speedup,
-        "rounds_detail": results, "published_size": published,
-        "note": "updates = one critic step (+ an actor step every second one) incl. targets and Polyak; "
-                "the machine is shared, so the per-CPU-second figure is the fairer comparison",
-    })
+        **provenance(args.seed), "before_commit": args.before, "task": "can", "num_envs": 2,
+        "settings": {"warmup_steps": args.warmup, "window_env_steps": args.window, "settle_env_steps": args.settle,
+                     "updates_per_step": 2.0, "critic": "10 heads x 2 x 128, LayerNorm", "batch_size": 256},
+        "train_env_steps_per_s": {"before": before["env_steps_per_s"], "after": after["env_steps_per_s"],
+                                  "ratio": ratio},
+        "before": before, "after": after,
+        "note": "the two runs ran one after the other in this invocation; CPU % is per process over the window "
+                "(100 = one core)"})
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from robofinetune.policies import load_policy, register_policy, save_policy
 from robofinetune.policies.base import Policy
 from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
-from robofinetune.rl import (CriticEnsemble, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
-                             ensemble_min_target, flatten_observation, mlp, polyak_update, sample_symmetric)
+from robofinetune.rl import (CriticEnsemble, HeadGroups, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
+                             flatten_observation, mlp, polyak_update, random_head_subset, sample_symmetric)
 from robofinetune.runs import Run
 
 
@@ -107,7 +107,10 @@ class ResidualConfig:
     gate_confidence: float = 0.95
     gate_iterations: int = 0          # FQE Bellman iterations (0: automatic, longest episode + 10)
     gate_steps_per_iteration: int = 50
-    torch_threads: int = 1
+    torch_threads: int = 1            # torch's intra-op threads for the learner (see critic_threads)
+    # threads that evaluate groups of critic heads at once (rl.critic.HeadGroups); 0 = automatic: one per
+    # core, up to 2 (the env processes need the rest). Same result whatever the count.
+    critic_threads: int = 0
     progress: bool = True
 
 
@@ -206,6 +209,9 @@ class ResidualPolicy(Policy):
     def reset(self, env_index: int | None = None) -> None:
         self.base.reset(env_index)
 
+    def seed_sampling(self, seed: int | None) -> None:
+        self.base.seed_sampling(seed)  # the residual itself is deterministic
+
     def save_extra(self, folder: Path) -> None:
         save_policy(self.base, Path(folder) / "base", getattr(self.base, "checkpoint_metadata", {}))
 
@@ -237,13 +243,22 @@ class ResidualLearner(CheckpointedLearner):
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads))
         self.critic_updates = 0
         self.actor_updates = 0
 
 
+def resolve_critic_threads(requested: int) -> int:
+    """``critic_threads`` with 0 meaning one thread per core, at most 2."""
+    import os
+
+    return requested if requested > 0 else max(1, min(2, os.cpu_count() or 1))
+
+
 def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
     """One critic update (and, if ``update_actor``, one actor update) on a batch of n-step transitions whose
-    observations are RL states (s, b) and whose actions are the executed ones."""
+    observations are RL states (s, b) and whose actions are the executed ones. The ensemble's heads are
+    evaluated in ``learner.head_groups`` (one thread per group of heads; one group = plain sequential code)."""
     config, actor, critic = learner.config, learner.actor, learner.critic
     action_dim = actor.action_dim
     obs, next_obs = actor.normalize(batch.obs), actor.normalize(batch.next_obs)
@@ -252,27 +267,46 @@ def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: b
         noise = (torch.randn(batch.action.shape, generator=learner.generator) * config.target_noise).clamp(
             -config.target_noise_clip, config.target_noise_clip)
         next_action = compose(batch.next_obs[:, -action_dim:], learner.actor_target(batch.next_obs) + noise)
-        next_q = ensemble_min_target(learner.critic_target(next_obs, next_action), config.critic_subset,
-                                     learner.generator)
+        # REDQ: min over a random subset of the target heads, and only those heads are evaluated
+        subset = random_head_subset(config.num_critics, config.critic_subset, learner.generator)
+        next_q = learner.critic_target(next_obs, next_action, heads=subset).min(dim=0).values
         target = batch.reward + batch.discount * next_q
         if config.clip_target:
             target = target.clamp(0.0, 1.0)
-    q = critic(obs, batch.action)                                   # (heads, B)
-    critic_loss = (q - target).pow(2).mean(dim=1).sum()
+
+    def critic_loss_backward(heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        q = critic(obs, batch.action, heads=heads)                  # (heads in the group, B)
+        loss = (q - target).pow(2).mean(dim=1).sum()                 # the heads' losses add up
+        loss.backward()
+        return loss.detach(), q.detach().sum(dim=0)
+
     learner.critic_optimizer.zero_grad(set_to_none=True)
-    critic_loss.backward()
+    losses, q_sums = zip(*learner.head_groups.map(critic_loss_backward))
     learner.critic_optimizer.step()
     learner.critic_updates += 1
-    stats = {"critic_loss": critic_loss.item() / q.shape[0], "q": q.mean().item(), "target": target.mean().item()}
+    heads_times_batch = config.num_critics * target.shape[0]
+    stats = {"critic_loss": sum(losses).item() / config.num_critics, "q": sum(q_sums).sum().item() / heads_times_batch,
+             "target": target.mean().item()}
     if update_actor:
-        critic.requires_grad_(False)   # the actor's gradient flows through the critic, not into it
+        # maximise mean over heads of Q(x, b + r(x)); dQ/d(action) comes from each group of heads, the actor's
+        # backward runs once on their sum. The critic's weights get no gradient here.
         residual = actor(batch.obs)
-        q_policy = critic(obs, compose(batch.obs[:, -action_dim:], residual)).mean(dim=0)
-        actor_loss = -q_policy.mean()
-        learner.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        learner.actor_optimizer.step()
+        action = compose(batch.obs[:, -action_dim:], residual)
+        action_leaf = action.detach().requires_grad_(True)
+
+        def q_action_gradient(heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                q_sum = critic(obs, action_leaf, heads=heads).sum()
+                (gradient,) = torch.autograd.grad(q_sum, action_leaf)
+            return gradient, q_sum.detach()
+
+        critic.requires_grad_(False)
+        gradients, q_totals = zip(*learner.head_groups.map(q_action_gradient))
         critic.requires_grad_(True)
+        actor_loss = -sum(q_totals) / heads_times_batch
+        learner.actor_optimizer.zero_grad(set_to_none=True)
+        action.backward(-sum(gradients) / heads_times_batch)        # d(actor_loss)/d(action)
+        learner.actor_optimizer.step()
         learner.actor_updates += 1
         polyak_update(learner.actor_target, actor, config.tau)
         stats.update(actor_loss=actor_loss.item(), residual=residual.abs().mean().item())
@@ -294,11 +328,20 @@ def load_demos(config: ResidualConfig, obs_keys: list[str]) -> tuple[Path, list[
 
 
 @torch.no_grad()
-def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str], batch: int = 64) -> list[np.ndarray]:
+def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str], batch: int = 64,
+                       progress: bool | None = None) -> list[np.ndarray]:
     """What the base would propose in every state of every demo, (T + 1, A) per episode (row T: the final
-    observation), by running it along each demo from the episode start, chunk queue included, as in a rollout."""
+    observation), by running it along each demo from the episode start, chunk queue included, as in a rollout.
+
+    ``progress``: a bar over the demo steps (a minute for 200 can demos); None shows it on a terminal only."""
+    from tqdm.auto import tqdm
+
     labels = []
-    for start in range(0, len(episodes), batch):
+    groups = range(0, len(episodes), batch)
+    total = sum(max(len(episode) for episode in episodes[start: start + batch]) + 1 for start in groups)
+    bar = tqdm(total=total, desc="label demos with the base", unit="step", leave=None,
+               disable=None if progress is None else not progress)
+    for start in groups:
         group = episodes[start: start + batch]
         base.reset()
         steps = max(len(episode) for episode in group) + 1
@@ -315,8 +358,10 @@ def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str
             for row, episode in enumerate(group):
                 if t <= len(episode):
                     out[row][t] = actions[row]
+            bar.update(1)
         labels.extend(out)
         base.reset()
+    bar.close()
     return labels
 
 
@@ -371,6 +416,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         online.end_streams()  # envs restart, episodes in flight at the checkpoint are over
         print(f"resumed at {loop.env_steps} env steps ({len(online)} online transitions)")
     else:
+        base.seed_sampling(config.seed)
         labels = label_base_actions(base, demos, obs_keys)
         for episode, label in zip(demos, labels):
             offline.add_episode(episode, obs_keys, extra=label)
@@ -414,6 +460,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     try:
         rollout.reset(seed=200_000 + 1_000 * config.seed + loop.env_steps)
+        # the base's sampling noise depends on the seed and env steps alone, not on what ran before in the process
+        base.seed_sampling(200_000 + 1_000 * config.seed + loop.env_steps)
         base.reset()
         base_action = np.asarray(base.select_action(rollout.obs), np.float32)
         loop.start()

@@ -60,6 +60,8 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
         results: list[tuple[bool, int]] = []
         done_counts = [0] * num_envs
         lengths = np.zeros(num_envs, dtype=int)
+        # Sampling noise from (seed, env, episode) alone: the same episodes whatever the process did before.
+        policy.seed_sampling(seed)
         policy.reset()
         obs, _ = envs.reset(seed=seed)
         bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, unit="ep")
@@ -80,6 +82,7 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
         bar.close()
     finally:
         envs.close()
+        policy.seed_sampling(None)
     successes = sum(success for success, _ in results)
     videos = []
     if video_dir is not None and video_episodes > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -78,6 +78,12 @@ class Policy(nn.Module, ABC):
     def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """One action per env, (B, A), from the current observation of each env (B, ...)."""
 
+    def seed_sampling(self, seed: int | None) -> None:
+        """Make the policy's sampling noise a function of ``(seed, env index, episode index)`` only, so an
+        evaluation repeats its episodes whatever ran before it in the process; ``None`` goes back to torch's
+        global generator. Episode indices count ``reset(env_index)`` calls from the last ``reset()``.
+        Deterministic policies have nothing to seed."""
+
 
 class GenerativePolicy(Policy):
     """A conditional generative model over action chunks with an explicit stochastic denoising chain.
@@ -95,6 +101,9 @@ class GenerativePolicy(Policy):
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
         self._history: list[deque] = []
         self._queues: list[deque] = []
+        self._sampling_seed: int | None = None
+        self._episode_generators: list[torch.Generator] = []
+        self._episode_counts: list[int] = []
 
     # --- conditioning -------------------------------------------------------------------------------------
     def check_observation(self, obs: dict[str, Any], has_history: bool) -> None:
@@ -135,7 +144,7 @@ class GenerativePolicy(Policy):
     @abstractmethod
     def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
                return_chain: bool = False, stochastic: bool = False,
-               generator: torch.Generator | None = None) -> ChainSample:
+               generator: SamplingGenerator = None) -> ChainSample:
         """Draw action chunks. ``noise`` fixes the initial latent; ``stochastic`` makes every transition
         Gaussian with at least ``chain_min_std`` so that ``chain_log_prob`` is a proper density (RL)."""
 
@@ -150,16 +159,33 @@ class GenerativePolicy(Policy):
 
     # --- executing chunks -------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: dict[str, Any]) -> np.ndarray:
-        chunk = self.sample(obs).actions[:, : self.config.n_action_steps]
+    def act(self, obs: dict[str, Any], generator: SamplingGenerator = None) -> np.ndarray:
+        chunk = self.sample(obs, generator=generator).actions[:, : self.config.n_action_steps]
         return chunk.clamp(-1.0, 1.0).cpu().numpy()
+
+    def seed_sampling(self, seed: int | None) -> None:
+        self._sampling_seed = None if seed is None else int(seed)
+        self._episode_generators, self._episode_counts = [], []
+
+    def _episode_generator(self, env_index: int) -> torch.Generator:
+        """Env ``env_index``'s generator for its current episode (created on first use)."""
+        while len(self._episode_generators) <= env_index:
+            self._episode_counts.append(0)
+            self._episode_generators.append(episode_generator(self._sampling_seed, len(self._episode_generators), 0))
+        return self._episode_generators[env_index]
 
     def reset(self, env_index: int | None = None) -> None:
         if env_index is None:
             self._history, self._queues = [], []
-        elif env_index < len(self._history):
-            self._history[env_index].clear()
-            self._queues[env_index].clear()
+            self._episode_generators, self._episode_counts = [], []
+        else:
+            if env_index < len(self._history):
+                self._history[env_index].clear()
+                self._queues[env_index].clear()
+            if self._sampling_seed is not None and env_index < len(self._episode_generators):
+                self._episode_counts[env_index] += 1
+                self._episode_generators[env_index] = episode_generator(
+                    self._sampling_seed, env_index, self._episode_counts[env_index])
 
     @torch.no_grad()
     def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -169,7 +195,7 @@ class GenerativePolicy(Policy):
             self._history.append(deque(maxlen=self.config.n_obs_steps))
             self._queues.append(deque())
         for index in range(batch):
-            frame = {key: np.asarray(obs[key][index], dtype=np.float32) for key in self.config.obs_keys}
+            frame = {key: np.asarray(obs[key][index]) for key in self.config.obs_keys}
             history = self._history[index]
             if not history:  # first step of an episode: pad the history with the first observation
                 history.extend([frame] * self.config.n_obs_steps)
@@ -179,7 +205,32 @@ class GenerativePolicy(Policy):
         if need:
             stacked = {key: np.stack([np.stack([frame[key] for frame in self._history[index]]) for index in need])
                        for key in self.config.obs_keys}
-            chunks = self.act(stacked)
+            if self._sampling_seed is None:
+                chunks = self.act(stacked)
+            else:
+                chunks = self.act(stacked, generator=[self._episode_generator(index) for index in need])
             for row, index in enumerate(need):
                 self._queues[index].extend(chunks[row])
         return np.stack([self._queues[index].popleft() for index in range(batch)]).astype(np.float32)
+
+
+SamplingGenerator = Union[torch.Generator, list[torch.Generator], None]
+
+
+def episode_generator(seed: int, env_index: int, episode: int) -> torch.Generator:
+    """A CPU generator determined by (seed, env index, episode index) alone."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(env_index), int(episode)]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def sampling_noise(shape: tuple[int, ...], device: torch.device, generator: SamplingGenerator = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...): from ``generator``, or row b from ``generator[b]`` when it is
+    a list (one generator per batch row, as :meth:`GenerativePolicy.seed_sampling` gives), drawn on the CPU
+    when the generator lives there."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=row) for row in generator]).to(device)
+    if generator is not None and generator.device.type != torch.device(device).type:
+        return torch.randn(shape, generator=generator).to(device)
+    return torch.randn(shape, device=device, generator=generator)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from diffusers import LCMScheduler
 
 from robofinetune.errors import ConfigError
-from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig
+from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig, SamplingGenerator, sampling_noise
 from robofinetune.policies.checkpoint import register_policy
 from robofinetune.policies.diffusion import gaussian_log_prob
 from robofinetune.policies.flow import TIME_SCALE
@@ -175,12 +175,12 @@ class ConsistencyPolicy(GenerativePolicy):
     # --- GenerativePolicy ---------------------------------------------------------------------------------
     def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
                return_chain: bool = False, stochastic: bool = False,
-               generator: torch.Generator | None = None) -> ChainSample:
+               generator: SamplingGenerator = None) -> ChainSample:
         condition = self.encode_observation(obs)
         batch = condition.shape[0]
         shape = (batch, self.config.horizon, self.config.action_dim)
         times = self.sampling_times(steps or self.config.inference_steps)
-        x = noise.to(self.device) if noise is not None else torch.randn(shape, device=self.device, generator=generator)
+        x = noise.to(self.device) if noise is not None else sampling_noise(shape, self.device, generator)
         chain = [x] if return_chain else None
         for index, time in enumerate(times):
             end = self.clip_chunk(self.consistency_function(x, time, condition))
@@ -188,9 +188,9 @@ class ConsistencyPolicy(GenerativePolicy):
                 # multi-step consistency sampling: go back onto the path at the next (smaller) noise level
                 alpha, sigma = self.scalar_coefficients(times[index + 1])[:2]
                 std = max(sigma, self.config.chain_min_std) if stochastic else sigma
-                x = alpha * end + std * torch.randn(shape, device=self.device, generator=generator)
+                x = alpha * end + std * sampling_noise(shape, self.device, generator)
             elif stochastic:
-                x = end + self.config.chain_min_std * torch.randn(shape, device=self.device, generator=generator)
+                x = end + self.config.chain_min_std * sampling_noise(shape, self.device, generator)
             else:
                 x = end
             if chain is not None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig
+from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig, SamplingGenerator, sampling_noise
 from robofinetune.policies.networks import build_denoiser
 
 
@@ -69,11 +69,11 @@ class DiffusionPolicy(GenerativePolicy):
 
     def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
                return_chain: bool = False, stochastic: bool = False,
-               generator: torch.Generator | None = None) -> ChainSample:
+               generator: SamplingGenerator = None) -> ChainSample:
         condition = self.encode_observation(obs)
         batch = condition.shape[0]
         shape = (batch, self.config.horizon, self.config.action_dim)
-        x = noise.to(self.device) if noise is not None else torch.randn(shape, device=self.device, generator=generator)
+        x = noise.to(self.device) if noise is not None else sampling_noise(shape, self.device, generator)
         chain = [x] if return_chain else None
         if self.config.sampler == "ddpm" and not stochastic and steps is None:
             scheduler = DDPMScheduler(**self._scheduler_kwargs)
@@ -92,7 +92,7 @@ class DiffusionPolicy(GenerativePolicy):
                     mean = scheduler.step(eps, timestep, x, eta=self.config.chain_eta,
                                           variance_noise=torch.zeros_like(x)).prev_sample
                     std = self._transition_std(scheduler, timestep)
-                    x = mean + std * torch.randn(shape, device=self.device, generator=generator)
+                    x = mean + std * sampling_noise(shape, self.device, generator)
                 else:
                     x = scheduler.step(eps, timestep, x, eta=0.0).prev_sample
                 if chain is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig
+from robofinetune.policies.base import ChainSample, GenerativePolicy, PolicyConfig, SamplingGenerator, sampling_noise
 from robofinetune.policies.diffusion import gaussian_log_prob
 from robofinetune.policies.networks import build_denoiser
 
@@ -38,19 +38,19 @@ class FlowPolicy(GenerativePolicy):
 
     def sample(self, obs: dict[str, Any], steps: int | None = None, noise: torch.Tensor | None = None,
                return_chain: bool = False, stochastic: bool = False,
-               generator: torch.Generator | None = None) -> ChainSample:
+               generator: SamplingGenerator = None) -> ChainSample:
         condition = self.encode_observation(obs)
         batch = condition.shape[0]
         steps = steps or self.config.inference_steps
         shape = (batch, self.config.horizon, self.config.action_dim)
-        x = noise.to(self.device) if noise is not None else torch.randn(shape, device=self.device, generator=generator)
+        x = noise.to(self.device) if noise is not None else sampling_noise(shape, self.device, generator)
         chain = [x] if return_chain else None
         dt = 1.0 / steps
         for k in range(steps):
             time = torch.full((batch,), k * dt, device=self.device)
             x = x + self.velocity(x, time, condition) * dt
             if stochastic:
-                x = x + self.config.chain_min_std * torch.randn(shape, device=self.device, generator=generator)
+                x = x + self.config.chain_min_std * sampling_noise(shape, self.device, generator)
             if chain is not None:
                 chain.append(x)
         actions = self.action_normalizer.unnormalize(x.clamp(-1.0, 1.0))

@@ -14,12 +14,13 @@
   that include the replay buffers, resume.
 """
 
-from robofinetune.rl.critic import CriticEnsemble, LoopCriticEnsemble, ensemble_min_target, mlp, polyak_update
+from robofinetune.rl.critic import (CriticEnsemble, HeadGroups, LoopCriticEnsemble, ensemble_min_target, mlp, polyak_update,
+                                   random_head_subset)
 from robofinetune.rl.replay import (ReplayBuffer, TransitionBatch, flatten_observation, sample_symmetric,
                                     symmetric_slots)
 from robofinetune.rl.rollout import EpisodeOutcome, StepTransitions, VectorRollout
 from robofinetune.rl.runloop import RunLoop
 
-__all__ = ["CriticEnsemble", "LoopCriticEnsemble", "ensemble_min_target", "mlp", "polyak_update", "ReplayBuffer",
+__all__ = ["CriticEnsemble", "HeadGroups", "LoopCriticEnsemble", "ensemble_min_target", "random_head_subset", "mlp", "polyak_update", "ReplayBuffer",
            "TransitionBatch", "flatten_observation", "sample_symmetric", "symmetric_slots", "EpisodeOutcome",
            "StepTransitions", "VectorRollout", "RunLoop"]
