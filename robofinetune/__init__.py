@@ -7,3 +7,7 @@ interfaces: :func:`robofinetune.envs.make_env`, :class:`robofinetune.data.Episod
 """
 
 __version__ = "0.1.0"
+
+#: Modules that register a :class:`robofinetune.envs.spec.TaskSource` (other files that stand for a task);
+#: ``robofinetune.envs`` imports them on the first YAML path it is asked about, and imports nothing else of theirs.
+TASK_SOURCE_MODULES = ("robofinetune.robot.config",)  # robot YAMLs (real_robot/*.yaml) mirror a sim task

@@ -1,13 +1,17 @@
 """The ``robofinetune`` command.
 
-    robofinetune collect --task=can --source=scripted --episodes=200
+    robofinetune collect --task=can --source=scripted --episodes=200 [--num-envs=2]
     robofinetune data info PATH | data convert SRC DST
+    robofinetune data convert RUN.bag|RUN.mcap|ROS2_BAG_DIR [...] DST --robot=real_robot/<robot>.yaml
     robofinetune train bc|residual|ogpo --task=can [--key=value ...] [--resume=RUN_DIR]
-    robofinetune eval --task=can --policy=PATH --episodes=100 [--video]
+    robofinetune eval --task=can --policy=PATH --episodes=100 [--video] [--out=DIR]
     robofinetune distill --teacher=PATH --task=can
     robofinetune gate --candidate=A --incumbent=B --data=DATASET
     robofinetune deploy --robot=real_robot/can_twin.yaml --policy=PATH --episodes=N
     robofinetune record --robot=real_robot/can_twin.yaml --teleop=keyboard
+
+Any command takes --verbose: the simulator's own start-up warnings and info lines on the terminal too (by
+default they go only to robosuite.log in the run folder).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import argparse
 import importlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from robofinetune.errors import RobofinetuneError
+from robofinetune.logs import LOG_FILE_NAME, restore, set_log_file, set_verbose, snapshot
 
 # Each training method is a module under robofinetune/algos exposing `Config` (a dataclass) and
 # `train(config, run, resume) -> dict`. Methods from later stages add themselves here.
@@ -28,6 +35,8 @@ TRAIN_METHODS = {
     "ogpo": "robofinetune.algos.ogpo",
 }
 
+
+VERBOSE_FLAG = "--verbose"
 
 EXTRA_COMMANDS = {
     "distill": ("robofinetune.algos.distill", "add_distill_parser", "one-step consistency student of a policy"),
@@ -42,10 +51,14 @@ def _command_collect(args: argparse.Namespace) -> int:
     from robofinetune.data.io import save_dataset
     from robofinetune.paths import datasets_dir
 
+    from robofinetune.data.collect import default_collect_envs
+
+    if args.num_envs is None:
+        args.num_envs = default_collect_envs()
     noise_tag = f"_noise{args.noise:g}" if args.noise else ""
     output = Path(args.output) if args.output else datasets_dir() / f"{args.task}_{args.source}_{args.episodes}{noise_tag}.hdf5"
     episodes = collect_episodes(args.task, args.episodes, source=args.source, noise=args.noise, seed=args.seed,
-                                only_success=args.only_success)
+                                only_success=args.only_success, num_envs=args.num_envs)
     save_dataset(episodes, output, env_meta={"env_name": args.task, "task": args.task, "source": args.source,
                                               "noise": args.noise, "seed": args.seed})
     successes = sum(episode.success for episode in episodes)
@@ -54,16 +67,51 @@ def _command_collect(args: argparse.Namespace) -> int:
 
 
 def _command_data(args: argparse.Namespace) -> int:
-    if args.data_command == "info":
+    from robofinetune.data.bag_import import is_bag
+
+    if args.data_command == "info" and is_bag(args.path):
+        from robofinetune.data.bag_import import bag_info, format_bag_info
+
+        info = bag_info(args.path, robot=args.robot)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_bag_info(info))
+    elif args.data_command == "info":
         from robofinetune.data.info import dataset_info, format_info
 
         info = dataset_info(args.path)
         print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    elif args.data_command == "convert" and any(is_bag(source) for source in args.source):
+        return _convert_bags(args)
     elif args.data_command == "convert":
         from robofinetune.data.io import convert_dataset
+        from robofinetune.errors import ConfigError
 
-        output = convert_dataset(args.source, args.destination, task=args.task)
+        if len(args.source) != 1:
+            raise ConfigError(f"data convert: one source dataset at a time (several sources only for ROS bags), "
+                              f"got {args.source}")
+        output = convert_dataset(args.source[0], args.destination, task=args.task)
         print(f"wrote {output or args.destination}")
+    return 0
+
+
+def _convert_bags(args: argparse.Namespace) -> int:
+    from robofinetune.data.bag_import import BagOptions, convert_bags, is_bag
+    from robofinetune.errors import ConfigError
+
+    not_bags = [source for source in args.source if not is_bag(source)]
+    if not_bags:
+        raise ConfigError(f"data convert: {not_bags} are not ROS bags (.bag, .mcap, .db3 or a folder with "
+                          f"metadata.yaml); convert bags and datasets separately")
+    if not args.robot:
+        raise ConfigError("data convert: a ROS bag needs --robot=real_robot/<robot>.yaml (its topics, command "
+                          "scaling and control rate say how the bag becomes episodes)")
+    options = BagOptions(ticks=args.ticks, clock=args.clock, split=args.split, episode_topic=args.episode_topic,
+                         gap=args.gap)
+    output, reports = convert_bags(args.source, args.destination, args.robot, options)
+    for report in reports:
+        print(report.summary())
+    episodes = sum(report.episodes for report in reports)
+    print(f"wrote {episodes} episode{'s' * (episodes != 1)} ({sum(report.steps for report in reports)} steps) "
+          f"to {output}")
     return 0
 
 
@@ -103,39 +151,124 @@ def _command_train(args: argparse.Namespace, extra: list[str]) -> int:
         config = resolve_config(module.Config, args.method, overrides, extra_preset=args.config)
         run = Run.create(args.method, getattr(config, "task", "task"), config, root=args.runs_dir)
         print(f"run folder: {run.path}")
+    set_log_file(run.path / LOG_FILE_NAME)
     summary = module.train(config, run, resume=bool(args.resume))
     run.close()
     for key, value in summary.items():
         print(f"  {key}: {value}")
     print(f"run folder: {run.path}")
+    print("\n".join(next_steps(args.method, config, run.path)))
     return 0
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` as a user would type it: relative to the working folder when it lies inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def next_steps(method: str, config: Any, run_path: Path) -> list[str]:
+    """The commands to run on what ``train <method>`` produced: watch it, gate it, distil it, deploy it to the twin.
+
+    Printed at the end of a training run; every line is a real command line of this CLI.
+    """
+    import shutil
+
+    from robofinetune.paths import project_root
+
+    task = str(getattr(config, "task", ""))
+    best = run_path / "best"
+    gated = bool(getattr(config, "gate", False)) and (best / "policy.json").is_file()
+    policy = _shown(best if gated else run_path / "policy")
+    lines = [f"result: {policy}" + ("  (promoted by the gate over the base: it carries the record deploy needs)"
+                                    if gated else ""), "next:"]
+    found, invoked = shutil.which("robofinetune"), Path(sys.argv[0])
+    if invoked.name == "robofinetune" and (found is None or Path(found).resolve() != invoked.resolve()):
+        lines.append(f"  source {_shown(invoked.parent / 'activate')}      # puts robofinetune on PATH")
+    lines += [f"  # watch it (report and videos go to runs/<time>_eval_{Path(task).stem}/)",
+              f"  robofinetune eval --task={task} --policy={policy} --episodes=20 --video"]
+    base = None
+    if method in ("residual", "ogpo"):
+        from robofinetune.algos.bc import default_dataset
+        from robofinetune.rl.setup import base_path
+
+        base = _shown(base_path(config.base, task))
+        data = _shown(getattr(config, "gate_data", "") or config.dataset or default_dataset(task))
+        if not gated:
+            lines += [f"  # promote it over its base only with a confident gain on logged data (deploy asks for this)",
+                      f"  robofinetune gate --candidate={policy} --incumbent={base} --data={data}"]
+    elif method == "bc":
+        lines += ["  # make it better with residual RL",
+                  f"  robofinetune train residual --task={task} --base={policy}"]
+    lines += ["  # a one-step student for real-time control",
+              f"  robofinetune distill --teacher={policy} --task={task}"]
+    twin = project_root() / "real_robot" / f"{Path(task).stem}_twin.yaml"
+    if base is not None and twin.is_file():
+        lines += ["  # run it on the MuJoCo twin of the robot, over ROS (after the gate has promoted it)",
+                  f'  eval "$({_shown(project_root() / "scripts" / "ci_ros.sh")} start)"      # a roscore',
+                  f"  python {_shown(project_root() / 'real_robot' / 'mujoco_twin_node.py')} --robot {_shown(twin)} &",
+                  f"  robofinetune deploy --robot={_shown(twin)} --policy={policy} --incumbent={base} --episodes=10"]
+    return lines
+
+
+@dataclass
+class EvalConfig:
+    """What ``eval`` was asked (the run folder's config.yaml)."""
+
+    task: str
+    policy: str
+    episodes: int
+    num_envs: int
+    seed: int
+    video: bool
+    video_episodes: int
+
+
 def _command_eval(args: argparse.Namespace) -> int:
+    from robofinetune.envs import load_task_spec
     from robofinetune.eval import evaluate_policy
     from robofinetune.policies import load_policy
-
-    from robofinetune.envs import load_task_spec
+    from robofinetune.runs import Run
 
     task_name = load_task_spec(args.task).name  # a robot YAML names the sim task it mirrors
     policy = load_policy(args.policy, task=task_name if not args.any_task else None)
-    video_dir = Path(args.output).with_suffix("") if args.output else Path(args.policy) / "videos"
+    # Output never goes into the policy folder (a shipped policy lives in the repository): --output is the report
+    # file, with videos in a folder of the same name; --out a folder; by default a run folder runs/<time>_eval_<task>/.
+    if args.output:
+        report = Path(args.output)
+        video_dir = report.with_suffix("")
+    else:
+        if args.out:
+            folder = Path(args.out)
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            config = EvalConfig(task=str(args.task), policy=str(args.policy), episodes=args.episodes,
+                                num_envs=args.num_envs, seed=args.seed, video=args.video,
+                                video_episodes=args.video_episodes)
+            folder = Run.create("eval", task_name, config, root=args.runs_dir).path
+        set_log_file(folder / LOG_FILE_NAME)
+        report, video_dir = folder / "eval.json", folder / "videos"
     result = evaluate_policy(policy, args.task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
                              video_dir=video_dir if args.video else None, video_episodes=args.video_episodes)
-    report = {**result.to_dict(), "policy": str(args.policy), "seed": args.seed}
-    output = Path(args.output) if args.output else Path(args.policy) / f"eval_{args.task}_{args.episodes}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = {**result.to_dict(), "policy": str(args.policy), "seed": args.seed}
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(output, indent=2))
     print(result.summary())
     if result.videos:
         print(f"videos: {', '.join(result.videos)}")
-    print(f"report: {output}")
+    print(f"report: {report}")
     return 0
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robofinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="also show the simulator's own start-up warnings and info lines (by default they go "
+                             "to robosuite.log in the run folder); accepted anywhere on the command line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     collect = commands.add_parser("collect", help="record demos with a scripted expert")
@@ -147,16 +280,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     collect.add_argument("--seed", type=int, default=0)
     collect.add_argument("--only-success", action="store_true", help="keep only successful episodes")
     collect.add_argument("--output", help="dataset path (.hdf5 robomimic or .zarr / .zarr.zip)")
+    collect.add_argument("--num-envs", type=int, default=None,
+                         help="parallel env processes (default: 2, or 1 on a one-core machine); the episodes and "
+                              "the file are the same for any number")
 
     data = commands.add_parser("data", help="inspect and convert datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     info = data_commands.add_parser("info", help="episodes, lengths, keys, shapes, statistics")
-    info.add_argument("path")
+    info.add_argument("path", help="a dataset, or a ROS bag (.bag, .mcap, .db3, ROS 2 bag folder)")
     info.add_argument("--json", action="store_true")
-    convert = data_commands.add_parser("convert", help="robomimic HDF5 <-> zarr; import robosuite demos")
-    convert.add_argument("source")
+    info.add_argument("--robot", help="a bag: robot YAML whose topics to look for (which keys each topic serves, "
+                                      "which are missing)")
+    convert = data_commands.add_parser("convert", help="robomimic HDF5 <-> zarr; import robosuite demos; import "
+                                                       "ROS bags (with --robot)")
+    convert.add_argument("source", nargs="+", help="a dataset, or one or more ROS bags")
     convert.add_argument("destination")
     convert.add_argument("--task", help="task for replaying robosuite demos (inferred when possible)")
+    convert.add_argument("--robot", help="ROS bags: the robot YAML that maps topics to observation keys and the "
+                                         "command to the action")
+    convert.add_argument("--ticks", default="auto", choices=["auto", "command", "rate"],
+                         help="ROS bags: one step per command message, or a fixed clock at the robot's "
+                              "control_rate (auto: commands when they come at the control rate)")
+    convert.add_argument("--clock", default="receive", choices=["receive", "header"],
+                         help="ROS bags: time messages by when the recorder got them, or by header.stamp")
+    convert.add_argument("--split", default="auto", choices=["auto", "topic", "gap", "none"],
+                         help="ROS bags: episodes start at each message of the episode topic (auto when the bag "
+                              "has one), after a gap in commands, or one episode per bag")
+    convert.add_argument("--episode-topic", help="ROS bags: topic whose messages start episodes (default: the "
+                                                 "robot YAML's reset.request_topic, then reset.done_topic)")
+    convert.add_argument("--gap", type=float, default=1.0,
+                         help="ROS bags: seconds without a command that end an episode (--split gap / auto)")
 
     train = commands.add_parser("train", help="train a policy: bc, residual, ogpo",
                                 description="Any config field can be set as --field=value.")
@@ -171,9 +324,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, default=100)
     evaluate.add_argument("--num-envs", type=int, default=2, help="parallel env processes")
     evaluate.add_argument("--seed", type=int, default=100_000)
-    evaluate.add_argument("--video", action="store_true", help="write mp4s of a few episodes")
+    evaluate.add_argument("--video", action="store_true",
+                          help="an mp4 of each evaluated episode, up to --video-episodes")
     evaluate.add_argument("--video-episodes", type=int, default=3)
-    evaluate.add_argument("--output", help="JSON report path (default: inside the policy folder)")
+    evaluate.add_argument("--out",
+                          help="folder for eval.json and videos/ (default: a run folder runs/<time>_eval_<task>/)")
+    evaluate.add_argument("--output", help="JSON report path instead (videos in the folder of the same name)")
+    evaluate.add_argument("--runs-dir", help="where run folders go (default ./runs)")
     evaluate.add_argument("--any-task", action="store_true", help="skip the checkpoint's task-name check")
 
     # Later stages bring their own sub-commands; each sets `handler` on its parser. Their modules import
@@ -202,10 +359,16 @@ def limit_cpu_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
+    # --verbose may go anywhere on the line (every sub-command takes it), so it is taken out before parsing
+    verbose = VERBOSE_FLAG in arguments
+    arguments = [argument for argument in arguments if argument != VERBOSE_FLAG]
     command = next((argument for argument in arguments if not argument.startswith("-")), None)
     parser = build_parser(command if command in EXTRA_COMMANDS else "")
     args, extra = parser.parse_known_args(arguments)
     limit_cpu_threads()
+    saved_logging = snapshot()
+    if verbose:
+        set_verbose(True)
     try:
         if args.command == "train":
             return _command_train(args, extra)
@@ -221,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore(saved_logging)
 
 
 if __name__ == "__main__":

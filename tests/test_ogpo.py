@@ -354,32 +354,53 @@ def test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler(kind, la
     assert after > before + 0.2 * abs(before), (before, after)
 
 
-def test_ogpo_improves_a_poor_base_on_pointmass(poor_base, tmp_path):
-    """From a 40-55% base (DDIM-5), 2k env steps of OGPO (critic from scratch, BC on the 10 demos and its own
-    successes) reach a success whose 95% interval lies above the base's rate on the same 50 evaluation
-    episodes. Evaluations are seeded (env seeds and initial latents), so a no-op replays the base's episodes
-    exactly (next test) and cannot pass. (Measured here: 50% -> 78%.)"""
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_ogpo_does_not_degrade_a_poor_base_on_pointmass_over_three_seeds(poor_base, tmp_path):
+    """No-regression, over seeds 0-2 with the shipped defaults (kept next actions included): from a 40-55% base
+    (DDIM-5), 2k env steps of OGPO (critic from scratch, BC on the 10 demos and its own successes) change the
+    policy and leave its success, pooled over the 3 x 50 seeded evaluation episodes, at least at the base's rate
+    on the same episodes. An actor update that pushes the wrong way drops it well below (the direction itself is
+    checked by test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler).
+
+    Why not a claim of improvement: the figures move with the random numbers and the code around them (measured:
+    base 50%, kept a' 48 / 62 / 48% over seeds 0-2; on a later tree base 42%, 60 / 64 / 58%, pooled 61%
+    [53%, 68%]). Issue 18 reworks OGPO; claim the gain then. 1-2 min per seed on 2 cores."""
     from robofinetune.algos.ogpo import train
+    from robofinetune.eval.stats import success_rate_ci
+    from robofinetune.policies import load_policy
     from robofinetune.runs import Run
 
     base, demos = poor_base
-    # a' sampled inside each TD update, as when this figure was measured: the kept a' (the default) are the same
-    # target up to one refresh cycle, but draw other random numbers, and this one-seed figure moves with them
-    # (kept a': 48% / 62% / 48% over seeds 0-2; sampled: 78% / 54% / 62%). The kept a' run end to end in the
-    # resume test above and their bookkeeping is tested on its own.
-    config = OGPOConfig(task="pointmass", base=str(base), dataset=str(demos), total_env_steps=2000, warmup_steps=400,
-                        actor_update_every=50, critic_hidden_dim=64, critic_batch_size=128, critic_updates_per_step=0.25,
-                        next_action_cache=False, chain_steps=5, eval_every=10**6, final_eval_episodes=50,
-                        checkpoint_every=10**6, progress=False)
-    summary = train(config, Run.create("ogpo", "pointmass", config, root=tmp_path))
-    low, _ = summary["final_success_ci"]
-    assert summary["base_success"] <= 0.6, summary             # the base really is poor
-    assert summary["final_success"] >= summary["base_success"] + 0.15, summary
-    assert low > summary["base_success"], summary
+    base_policy = load_policy(base, device="cpu")
+    summaries = []
+    for seed in (0, 1, 2):
+        config = OGPOConfig(task="pointmass", base=str(base), dataset=str(demos), total_env_steps=2000,
+                            warmup_steps=400, actor_update_every=50, critic_hidden_dim=64, critic_batch_size=128,
+                            critic_updates_per_step=0.25, chain_steps=5, eval_every=10**6, final_eval_episodes=50,
+                            checkpoint_every=10**6, progress=False, seed=seed)
+        assert config.next_action_cache   # the default under test
+        run = Run.create("ogpo", "pointmass", config, root=tmp_path)
+        summary = train(config, run)
+        tuned = load_policy(run.path / "policy", device="cpu")
+        assert summary["actor_rounds"] > 0 and any(
+            not torch.equal(a, b) for a, b in zip(base_policy.parameters(), tuned.parameters())), summary
+        summaries.append(summary)
+    base_rates = {summary["base_success"] for summary in summaries}
+    assert len(base_rates) == 1, summaries               # the base is evaluated on the same seeded episodes
+    base_rate = base_rates.pop()
+    assert base_rate <= 0.6, summaries                   # the base really is poor
+    successes = sum(round(summary["final_success"] * summary["eval_episodes"]) for summary in summaries)
+    episodes = sum(summary["eval_episodes"] for summary in summaries)
+    pooled = successes / episodes
+    low, high = success_rate_ci(successes, episodes)
+    print(f"base {base_rate:.0%}; final {[summary['final_success'] for summary in summaries]}; pooled {pooled:.1%} "
+          f"[{low:.1%}, {high:.1%}] over {episodes} episodes")
+    assert pooled >= base_rate, (pooled, base_rate, summaries)
 
 
 def test_a_run_that_never_updates_the_actor_replays_the_base_evaluation(poor_base, tmp_path):
-    """The no-op reference of the test above: only the critic trains (the actor's warm-up outlasts the run), and
+    """The no-op reference of the OGPO runs above: only the critic trains (the actor's warm-up outlasts the run), and
     the final evaluation reproduces the base's episodes one for one."""
     from robofinetune.algos.ogpo import train
     from robofinetune.runs import Run

@@ -354,3 +354,13 @@ def test_critic_head_groups_on_threads_give_the_sequential_update():
     full = ensemble_min_target(learner.critic_target(x, a), 2, generator)
     subset = residual.random_head_subset(5, 2, torch.Generator().manual_seed(3))
     assert torch.allclose(learner.critic_target(x, a, heads=subset).min(dim=0).values, full)
+
+
+def test_learner_device_is_resolved_and_a_bad_one_is_named():
+    from robofinetune.errors import ConfigError
+
+    assert residual.resolve_device("cpu").type == "cpu"
+    assert residual.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'device'"):
+        residual.resolve_device("gpu0")
+    assert residual.resolve_critic_threads(0, "cuda") == 1 and residual.resolve_critic_threads(3, "cuda") == 3

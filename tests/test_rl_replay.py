@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from robofinetune.data.episode import Episode
+from robofinetune.errors import CheckpointError
 from robofinetune.rl import ReplayBuffer, sample_symmetric, symmetric_slots
 
 GAMMA = 0.9
@@ -129,8 +130,14 @@ def test_state_dict_and_file_round_trip_restore_contents_and_sampling(tmp_path):
     for target in (buffer, restored):
         target.add_transitions([[0, 0]], [[0]], [0], [[0, 0]], [False], [False], [1])
     assert np.array_equal(buffer.next_index, restored.next_index)
-    with pytest.raises(ValueError):
+    # a buffer of another layout, and a file cut short (a crash mid-copy, a full disk), name the file
+    with pytest.raises(CheckpointError, match="buffer.npz.*does not fit"):
         ReplayBuffer(3, 1, capacity=8).load(tmp_path / "buffer.npz")
+    data = (tmp_path / "buffer.npz").read_bytes()
+    for cut in (len(data) // 2, len(data) - 30, 100):
+        (tmp_path / "cut.npz").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.npz: unreadable replay buffer"):
+            ReplayBuffer(2, 1, capacity=8).load(tmp_path / "cut.npz")
 
 
 def test_a_buffer_that_never_wrapped_restores_into_a_different_capacity():

@@ -131,6 +131,7 @@ def test_stamps():
     assert stamp_seconds({"sec": 3, "nanosec": 500}) == pytest.approx(3.0000005)
 
 
+@pytest.mark.ros
 @pytest.mark.skipif(not ros_available(), reason="ROS 1 (python3-rospy) is not installed; CI installs it")
 @pytest.mark.parametrize("msg_type, message", [
     (JOINT_STATE, joint_state()),

@@ -17,8 +17,10 @@ import torch
 
 from robofinetune.robot.transport import ros_available
 
-pytestmark = pytest.mark.skipif(not ros_available(), reason="ROS 1 is not installed (apt-get install ros-core "
-                                "python3-rospy python3-sensor-msgs python3-geometry-msgs python3-std-msgs); CI installs it")
+pytestmark = [pytest.mark.ros,
+              pytest.mark.skipif(not ros_available(), reason="ROS 1 is not installed (apt-get install ros-core "
+                                 "python3-rospy python3-sensor-msgs python3-geometry-msgs python3-std-msgs); CI "
+                                 "installs it")]
 
 REPO = Path(__file__).resolve().parents[1]
 LOCKSTEP = REPO / "real_robot" / "pointmass_twin.yaml"
@@ -66,15 +68,17 @@ class Twin:
 
 
 class ExpertPolicy:
-    """The pointmass scripted expert behind the Policy interface (select_action on a batch, reset)."""
+    """The pointmass scripted expert driving ``env``, behind the Policy interface (select_action on a batch,
+    reset)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env) -> None:
         from robofinetune.envs.experts import make_expert
 
         self.expert = make_expert("pointmass")
+        self.env = env
 
     def reset(self, env_index=None) -> None:
-        self.expert.reset(None)
+        self.expert.reset(self.env)
 
     def select_action(self, obs):
         return self.expert.act({key: value[0] for key, value in obs.items()})[None]
@@ -165,16 +169,150 @@ def test_deploy_command_writes_the_episode_log_as_a_dataset(ros_master, pointmas
     assert "success" in capsys.readouterr().out
 
 
-def test_realtime_twin_paced_by_its_observations(ros_master):
+def _broken_copy(policy_path: Path, folder: Path) -> Path:
+    """The same checkpoint with its networks back at their untrained initialisation (a poor incumbent)."""
+    from robofinetune.policies import load_policy, save_policy
+
+    broken = load_policy(policy_path, device="cpu")
+    torch.manual_seed(1)
+    for module in broken.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    return save_policy(broken, folder, {"task": "pointmass"})
+
+
+def test_deploy_runs_a_promoted_policy_over_its_incumbent_and_refuses_a_mismatched_layout(
+        ros_master, pointmass_policy, tmp_path, capsys):
+    """`robofinetune deploy` through the CLI: refused before `gate` promoted the policy over --incumbent, run
+    after (no --force); a checkpoint whose observations the robot does not provide stops before any command."""
+    import json
+    import shutil
+
+    from robofinetune.cli import main
+    from robofinetune.policies import load_policy
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(pointmass_policy, candidate)
+    incumbent = _broken_copy(pointmass_policy, tmp_path / "incumbent")
+    deploy = ["deploy", f"--robot={LOCKSTEP}", f"--policy={candidate}", f"--incumbent={incumbent}", "--episodes=2",
+              f"--runs-dir={tmp_path / 'runs'}", "--no-status"]
+    assert main(deploy) == 2
+    assert "refusing to deploy" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+    data = load_policy(pointmass_policy, device="cpu").checkpoint_metadata["dataset"]
+    assert main(["gate", f"--candidate={candidate}", f"--incumbent={incumbent}", f"--data={data}", "--margin=-10",
+                 "--heads=3", "--hidden-dim=16", "--depth=1", "--iterations=2", "--steps-per-iteration=3",
+                 "--batch-size=16", "--action-samples=1", "--no-plot"]) == 0
+    with Twin(LOCKSTEP):
+        assert main(deploy) == 0
+    out = capsys.readouterr().out
+    assert "passed the gate" in out
+    report = json.loads((next((tmp_path / "runs").iterdir()) / "deploy.json").read_text())
+    assert report["episodes"] == 2 and report["forced"] is False and report["incumbent"] == str(incumbent)
+    assert "passed the gate" in report["promotion"]
+
+    # a can checkpoint on the pointmass robot (--any-task skips the name check; the layout check remains)
+    can_policy = REPO / "policies" / "can" / "weak_flow"
+    assert main(["deploy", f"--robot={LOCKSTEP}", f"--policy={can_policy}", "--any-task", "--force", "--episodes=1",
+                 f"--runs-dir={tmp_path / 'runs_can'}", "--no-status"]) == 2
+    err = capsys.readouterr().err
+    assert f"{can_policy}: needs observation 'robot0_eef_pos' which the env does not provide" in err, err
+
+
+def test_record_command_through_the_cli_writes_resumes_and_never_overwrites(ros_master, tmp_path, capsys):
+    from robofinetune.cli import main
+    from robofinetune.data.io import load_dataset
+
+    output = tmp_path / "teleop.hdf5"
+    record = ["record", f"--robot={LOCKSTEP}", "--teleop=ros-topic", f"--output={output}", "--no-status"]
+    with Twin(LOCKSTEP, "--expert-teleop"):
+        assert main([*record, "--episodes=2"]) == 0
+        assert "saved 2 episodes (2 successful, 0 re-recorded); 2 in" in capsys.readouterr().out
+        assert main([*record, "--episodes=1"]) == 2                # an existing dataset is never overwritten
+        assert "pass --resume" in capsys.readouterr().err
+        assert main([*record, "--episodes=1", "--resume"]) == 0
+        assert "3 in" in capsys.readouterr().out
+    episodes, env_meta = load_dataset(output)
+    assert len(episodes) == 3 and all(e.success for e in episodes)
+    assert env_meta["task"] == "pointmass" and env_meta["robot"] == "pointmass_twin"
+    assert [e.metadata["seed"] for e in episodes] == [0, 1, 2]
+    assert all(np.all(np.abs(e.actions) <= 1.0) for e in episodes)
+
+
+def test_nan_and_out_of_workspace_actions_reach_the_robot_only_as_safe_commands(ros_master):
+    """What the robot receives, read off the command topic: the hold command for a NaN action, and a push towards
+    the wall cut to zero once the mass (with its velocity look-ahead) reaches the workspace edge."""
     from robofinetune.robot.env import RobotEnv
+    from robofinetune.robot.messages import FLOAT64_MULTI_ARRAY
+    from robofinetune.robot.safety import NONFINITE_ACTION, WORKSPACE
+
+    with Twin(LOCKSTEP):
+        env = RobotEnv(LOCKSTEP)
+        commands = []
+        env.transport.subscribe("/pointmass/command", FLOAT64_MULTI_ARRAY,
+                                lambda message, received: commands.append(list(message["data"])))
+        try:
+            assert env.transport.wait_for_subscribers(env._command_pub, timeout=10, count=2)  # the twin and us
+            obs, _ = env.reset(seed=3)
+            sent, steps = [], []
+            for action in ([np.nan, 0.3], [0.2, np.inf]):
+                obs, _, _, _, info = env.step(np.array(action, np.float32))
+                assert info["interventions"] == [NONFINITE_ACTION]
+                sent.append(info["action_sent"])
+            for _ in range(80):
+                before = obs
+                obs, _, terminated, truncated, info = env.step(np.array([1.0, 0.0], np.float32))
+                sent.append(info["action_sent"])
+                steps.append((before, info))
+                if terminated or truncated:
+                    break
+            deadline = time.monotonic() + 10
+            while len(commands) < len(sent) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            env.close()
+    assert len(commands) == len(sent), (len(commands), len(sent))
+    assert np.allclose(commands, np.asarray(sent, np.float64), atol=1e-6)   # the topic carries what the env reports
+    assert np.all(np.isfinite(commands))
+    assert commands[0] == [0.0, 0.0] and commands[1] == [0.0, 0.0]        # NaN / inf: the hold action
+    cut = [(before, info) for before, info in steps if WORKSPACE in info["interventions"]]
+    assert cut, "the push never reached the workspace edge"
+    for before, info in cut:
+        predicted = float(before["agent_pos"][0]) + 0.05 * float(before["agent_vel"][0])
+        assert predicted >= 0.45 and info["action_sent"][0] == 0.0 and info["action_sent"][1] == 0.0
+    assert all(float(before["agent_pos"][0]) + 0.05 * float(before["agent_vel"][0]) < 0.45 for before, info in steps
+               if WORKSPACE not in info["interventions"])
+    assert max(abs(before["agent_pos"][0]) for before, _ in steps) < 0.5
+
+
+def test_realtime_twin_paced_by_its_observations(ros_master):
+    """sync: observation — each step returns only once the twin (stepping on its own 20 Hz clock) has published a
+    new state: the steps taken never outnumber the twin's joint_states messages (an unpaced loop would run its
+    steps on one cached observation within milliseconds)."""
+    from robofinetune.robot.env import RobotEnv
+    from robofinetune.robot.messages import JOINT_STATE
     from robofinetune.robot.runner import run_policy
 
     with Twin(REALTIME):
         env = RobotEnv(REALTIME)
+        received = []
+        env.transport.subscribe("/pointmass/joint_states", JOINT_STATE, lambda message, at: received.append(at))
+        policy = ExpertPolicy(env)
         try:
-            result = run_policy(env, ExpertPolicy(), 3, seed=7, warmup=False)
+            obs, _ = env.reset(seed=7)
+            policy.reset()
+            first = len(received)
+            steps = 0
+            for steps in range(1, 21):
+                obs, _, terminated, truncated, _ = env.step(policy.select_action({k: v[None] for k, v in obs.items()})[0])
+                if terminated or truncated:
+                    break
+            published = len(received) - first
+            result = run_policy(env, ExpertPolicy(env), 3, seed=7, warmup=False)
         finally:
             env.close()
+    # our own subscriber may lag the env's by the message in flight
+    assert steps >= 5 and published >= steps - 1, (steps, published)
     assert result.successes >= 2, result.to_dict()
     for outcome in result.episodes:
         assert outcome.rate_hz > 0 and outcome.latency_ms_p50 is not None
@@ -378,9 +516,9 @@ def test_robot_env_works_inside_a_gymnasium_vector_env(ros_master):
 
     from robofinetune.robot.env import RobotEnv
 
-    policy = ExpertPolicy()
     with Twin(LOCKSTEP):
         env = RobotEnv(LOCKSTEP, overrides={"control_rate": 100})
+        policy = ExpertPolicy(env)
         vector = gymnasium.vector.SyncVectorEnv([lambda: env], autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
         try:
             obs, _ = vector.reset(seed=5)

@@ -162,19 +162,44 @@ def test_watchdog_holds_when_observations_stop_and_releases_when_they_return():
         dog.stop()
 
 
-def test_rate_loop_counts_overruns_and_does_not_burst():
-    loop = RateLoop(100.0)
+class FakeClock:
+    """``time.monotonic`` / ``time.sleep`` as the rate loop sees them: time moves only when someone sleeps or works,
+    so the schedule is checked exactly (the clock is the loop's hardware boundary)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def work(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_rate_loop_counts_overruns_and_does_not_burst(monkeypatch):
+    import robofinetune.robot.safety as safety
+
+    clock = FakeClock()
+    monkeypatch.setattr(safety, "time", clock)
+    loop = RateLoop(100.0)   # a 10 ms period
     for _ in range(3):
-        loop.sleep()
-    assert loop.overruns == 0
-    time.sleep(0.05)  # work that took five periods
-    late = loop.sleep()
-    assert late > 0 and loop.overruns == 1
-    # the schedule restarts from now: the next tick waits instead of firing at once to catch up
-    before = time.monotonic()
-    loop.sleep()
-    assert time.monotonic() - before > 0.0
-    assert loop.ticks == 5
+        clock.work(0.004)    # work shorter than a period: each tick waits for the rest of it
+        assert loop.sleep() == 0.0
+    assert clock.sleeps == pytest.approx([0.006] * 3) and loop.overruns == 0
+    clock.work(0.05)         # work that took five periods: 40 ms past the tick due at 40 ms
+    assert loop.sleep() == pytest.approx(0.04) and loop.overruns == 1
+    assert len(clock.sleeps) == 3   # a late tick does not wait
+    # the schedule restarts from now: the next tick waits a full period instead of firing at once to catch up
+    assert loop.sleep() == 0.0
+    assert clock.sleeps[3:] == [pytest.approx(0.01)]
+    clock.work(0.0105)       # 0.5 ms late, within a tenth of a period: late, but not an overrun
+    assert loop.sleep() == pytest.approx(0.0005) and loop.overruns == 1
+    assert loop.ticks == 6 and loop.intervals == pytest.approx([0.01, 0.01, 0.01, 0.05, 0.01, 0.0105])
 
 
 # --- robot YAML checking -------------------------------------------------------------------------------------------

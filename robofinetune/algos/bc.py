@@ -41,6 +41,12 @@ class BCConfig:
     num_train_timesteps: int = 100     # diffusion only
     sampler: str = "ddim"              # diffusion only: ddim | ddpm
     inference_steps: int = 10
+    # camera observations (tasks with <camera>_image keys): robofinetune.policies.encoders
+    encoder: str = "conv"              # conv (DrQ-style, 4 layers) | resnet18 (GroupNorm, spatial softmax)
+    image_feature_dim: int = 64        # features per camera and time step
+    augmentation: str = "shift"        # shift (DrQ, +-shift_pad px) | crop (crop_fraction; centre crop at eval) | none
+    shift_pad: int = 4
+    crop_fraction: float = 0.9
     # optimisation
     batch_size: int = 256
     max_steps: int = 20000
@@ -93,24 +99,27 @@ def ensure_default_dataset(task: str, path: Path) -> None:
     """Collect the default scripted dataset when it is missing, so a fresh clone can train at once."""
     if path.exists():
         return
-    from robofinetune.data.collect import collect_episodes
+    from robofinetune.data.collect import collect_episodes, default_collect_envs
     from robofinetune.data.robomimic_io import save_robomimic
 
-    print(f"{path} not found: collecting 200 scripted {task} demos (robofinetune collect --task={task} "
-          f"--source=scripted --episodes=200)")
-    episodes = collect_episodes(task, 200, source="scripted", seed=0)
+    num_envs = default_collect_envs()
+    print(f"{path} not found: collecting 200 scripted {task} demos in {num_envs} env processes (robofinetune "
+          f"collect --task={task} --source=scripted --episodes=200)", flush=True)
+    episodes = collect_episodes(task, 200, source="scripted", seed=0, num_envs=num_envs)
     save_robomimic(episodes, path, env_meta={"env_name": task, "task": task})
 
 
 def load_demos(config: BCConfig):
     from robofinetune.data.io import load_dataset
+    from robofinetune.data.task_check import check_training_demos
     from robofinetune.envs import load_task_spec
 
     spec = load_task_spec(config.task)
     path = Path(config.dataset) if config.dataset else default_dataset(config.task)
     if not config.dataset:
         ensure_default_dataset(config.task, path)
-    episodes, _ = load_dataset(path, obs_keys=list(spec.obs_keys))
+    episodes, env_meta = load_dataset(path, obs_keys=list(spec.obs_keys))
+    check_training_demos(episodes, env_meta, spec, str(path))
     if config.only_success:
         episodes = [episode for episode in episodes if episode.success]
     if config.num_demos:
@@ -119,14 +128,24 @@ def load_demos(config: BCConfig):
 
 
 def build_policy(config: BCConfig, spec: Any) -> GenerativePolicy:
+    from robofinetune.policies.encoders import AUGMENTATIONS, ENCODERS
+
     if config.policy not in POLICY_TYPES:
         raise ConfigError(f"config field 'policy' is '{config.policy}'; choose one of {sorted(POLICY_TYPES)}")
+    if config.encoder not in ENCODERS:
+        raise ConfigError(f"config field 'encoder' is '{config.encoder}'; choose one of {list(ENCODERS)}")
+    if config.augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"config field 'augmentation' is '{config.augmentation}'; choose one of "
+                          f"{list(AUGMENTATIONS)}")
     policy_class, config_class = POLICY_TYPES[config.policy]
     policy_kwargs = dict(task=config.task, obs_keys=list(spec.obs_keys),
                          obs_shapes={key: list(shape) for key, shape in spec.obs_shapes.items()},
                          action_dim=spec.action_dim, n_obs_steps=config.n_obs_steps, horizon=config.horizon,
                          n_action_steps=config.n_action_steps, network=config.network, hidden_dim=config.hidden_dim,
-                         depth=config.depth, unet_dims=list(config.unet_dims), inference_steps=config.inference_steps)
+                         depth=config.depth, unet_dims=list(config.unet_dims), inference_steps=config.inference_steps,
+                         encoder=config.encoder, image_feature_dim=config.image_feature_dim,
+                         augmentation=config.augmentation, shift_pad=config.shift_pad,
+                         crop_fraction=config.crop_fraction)
     if config.policy == "diffusion":
         policy_kwargs.update(num_train_timesteps=config.num_train_timesteps, sampler=config.sampler)
     return policy_class(config_class(**policy_kwargs))

@@ -268,6 +268,8 @@ def teacher_dataset(teacher: Policy, config: DistillConfig) -> Path:
 
 def load_demo_episodes(teacher: Policy, config: DistillConfig) -> tuple[Path, list[Episode]]:
     from robofinetune.data.io import load_dataset
+    from robofinetune.data.task_check import check_training_demos
+    from robofinetune.envs import load_task_spec
 
     path = teacher_dataset(teacher, config)
     if not path.exists():
@@ -275,7 +277,9 @@ def load_demo_episodes(teacher: Policy, config: DistillConfig) -> tuple[Path, li
             warnings.warn(f"{path}: demo dataset not found; distilling on teacher rollout states only", stacklevel=2)
             return path, []
         raise DatasetError(f"{path}: demo dataset not found and rollout_episodes is 0: no training states")
-    episodes, _ = load_dataset(path, obs_keys=list(teacher.config.obs_keys))
+    episodes, env_meta = load_dataset(path, obs_keys=list(teacher.config.obs_keys))
+    check_training_demos(episodes, env_meta, load_task_spec(config.task or teacher.config.task), str(path),
+                         obs_shapes=teacher.config.obs_shapes)
     if config.only_success:
         episodes = [episode for episode in episodes if episode.success]
     if config.num_demos:
@@ -514,10 +518,16 @@ def command_distill(args: argparse.Namespace) -> int:
     overrides = {item.name: getattr(args, item.name) for item in dataclasses.fields(DistillConfig)
                  if hasattr(args, item.name)}
     if args.resume:
+        from robofinetune.cli import _resume_overrides
+
         run = Run.open(args.resume)
-        config = config_from_dict(DistillConfig, run.saved_config(), str(run.path / "config.yaml"))
-        if overrides:
-            print(f"--resume uses the run's saved config; ignoring {sorted(overrides)}")
+        saved = run.saved_config()
+        # as `train --resume`: only how long and how the run is watched may change, never what it learns with
+        extended = _resume_overrides(overrides, saved, run.path)
+        config = config_from_dict(DistillConfig, {**saved, **extended}, str(run.path / "config.yaml"))
+        if extended:
+            run.save_config(config)
+            print(f"resuming with {extended} (config.yaml updated)")
         print(f"resuming {run.path}")
     else:
         if not overrides.get("teacher"):
@@ -528,6 +538,9 @@ def command_distill(args: argparse.Namespace) -> int:
         _check_config(config)
         run = Run.create("distill", config.task, config, root=args.runs_dir)
         print(f"run folder: {run.path}")
+    from robofinetune.logs import LOG_FILE_NAME, set_log_file
+
+    set_log_file(run.path / LOG_FILE_NAME)
     summary = train_distill(config, run, resume=bool(args.resume))
     run.close()
     for key, value in summary.items():

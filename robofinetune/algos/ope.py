@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import nn
+from tqdm.auto import tqdm
 
 from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError, DatasetError
@@ -228,7 +229,7 @@ def policy_chunk_length(policy: Any, windows_histories: dict[str, np.ndarray]) -
 
 
 def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: int, samples: int, batch: int,
-                  seed: int) -> np.ndarray:
+                  seed: int, progress: bool = False, name: str = "policy") -> np.ndarray:
     """(S, samples, chunk_steps * A): what ``policy.act`` executes from each history, ``samples`` draws each
     (one when the policy turns out to be deterministic).
 
@@ -241,6 +242,8 @@ def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: in
     was_training = getattr(policy, "training", False)
     policy.eval()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    bar = tqdm(total=samples * count, desc=f"fqe {name}: its chunks", unit="state", leave=None,
+               disable=not progress, dynamic_ncols=True)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         for sample in range(samples):  # act() is stateless; reset() is not called, so a running rollout is undisturbed
@@ -251,6 +254,8 @@ def policy_chunks(policy: Any, histories: dict[str, np.ndarray], chunk_steps: in
                     raise CheckpointError(f"policy for task '{policy.config.task}': act() returned shape "
                                           f"{chunk.shape}, expected (batch, >= {chunk_steps}, action_dim)")
                 out[start: start + len(chunk), sample] = chunk[:, :chunk_steps].reshape(len(chunk), -1)
+                bar.update(len(chunk))
+    bar.close()
     policy.train(was_training)
     if samples > 1 and np.array_equal(out[:, 0], out[:, 1]):
         return out[:, :1]  # a deterministic policy: more samples would only cost FQE time
@@ -419,7 +424,7 @@ def estimate_policy_value(policy: Any, episodes: Sequence[Episode], config: Gate
                           f"{act_length} actions")
     windows = build_chunk_windows(episodes, obs_keys, n_obs_steps, chunk_steps, config.gamma)
     chunks = policy_chunks(policy, windows.histories, chunk_steps, config.action_samples, config.policy_batch,
-                           seed=config.seed + 1)
+                           seed=config.seed + 1, progress=progress, name=name)
     logged_rows = np.concatenate([np.arange(start_row, start_row + length) for start_row, length in
                                   zip(windows.initial_state, [len(e) for e in episodes])])
     action_gap = float(np.sqrt(np.mean((chunks[logged_rows, 0] - windows.chunk) ** 2)))
@@ -453,11 +458,8 @@ def estimate_policy_value(policy: Any, episodes: Sequence[Episode], config: Gate
     sampler = torch.Generator(device=device).manual_seed(config.seed + 2)
     heads, size = config.heads, config.batch_size
     iterations = config.iterations or max(20, math.ceil(max(len(e) for e in episodes) / chunk_steps) + 10)
-    iterator = range(iterations)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=f"fqe {name}", unit="it")
+    iterator = tqdm(range(iterations), desc=f"fqe {name}", unit="it", leave=None, disable=not progress,
+                    dynamic_ncols=True)
     residual = float("nan")
     for _ in iterator:
         targets = bellman_targets(q, state_obs, state_chunks, reward, discount, next_state, windows.value_range)
@@ -657,18 +659,21 @@ class CheckpointGate:
     """
 
     def __init__(self, episodes: Sequence[Episode], incumbent: Any, config: GateConfig | None = None,
-                 data: str = "in-memory episodes", incumbent_name: str = "incumbent") -> None:
+                 data: str = "in-memory episodes", incumbent_name: str = "incumbent", progress: bool = False) -> None:
         self.episodes = list(episodes)
         self.config = config or GateConfig()
         self.data = data
+        self.progress = progress
         policy, name, fingerprint = _as_policy(incumbent)
         self.incumbent_name = name if isinstance(incumbent, (str, os.PathLike)) else incumbent_name
         self.incumbent_fingerprint = fingerprint
-        self.incumbent_estimate = estimate_policy_value(policy, self.episodes, self.config, self.incumbent_name, data)
+        self.incumbent_estimate = estimate_policy_value(policy, self.episodes, self.config, self.incumbent_name, data,
+                                                        progress=progress)
         self.history: list[GateResult] = []
 
     def consider(self, candidate: Any, name: str = "candidate") -> GateResult:
-        estimate = estimate_policy_value(candidate, self.episodes, self.config, name, self.data)
+        estimate = estimate_policy_value(candidate, self.episodes, self.config, name, self.data,
+                                         progress=self.progress)
         result = make_result(estimate, self.incumbent_estimate, self.config, self.data,
                              incumbent_fingerprint=self.incumbent_fingerprint)
         self.history.append(result)
@@ -690,7 +695,7 @@ class TrainingGate:
     """
 
     def __init__(self, run: Any, base_path: str | Path, data: str | Path, task: str, obs_keys: Sequence[str],
-                 config: GateConfig) -> None:
+                 config: GateConfig, progress: bool = False) -> None:
         from robofinetune.data.io import load_dataset
 
         self.run = run
@@ -698,7 +703,7 @@ class TrainingGate:
         episodes, _ = load_dataset(data, obs_keys=list(obs_keys), task=task)
         incumbent = self.best if (self.best / "policy.json").is_file() else Path(base_path)
         print(f"gate: fitting FQE of the incumbent ({incumbent}) on {data} ({len(episodes)} episodes)", flush=True)
-        self.gate = CheckpointGate(episodes, str(incumbent), config, data=str(data))
+        self.gate = CheckpointGate(episodes, str(incumbent), config, data=str(data), progress=progress)
         self.promotions = 0
 
     def consider(self, policy: Any, env_steps: int, metadata: dict[str, Any] | None = None) -> GateResult:
@@ -732,7 +737,8 @@ def training_gate(config: Any, run: Any, base_path: str | Path, dataset: str | P
     return TrainingGate(run, base_path, config.gate_data or dataset, config.task, obs_keys,
                         GateConfig(margin=config.gate_margin, confidence=config.gate_confidence,
                                    iterations=config.gate_iterations,
-                                   steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed))
+                                   steps_per_iteration=config.gate_steps_per_iteration, seed=config.seed),
+                        progress=bool(getattr(config, "progress", False)))
 
 
 # --- what deploy checks -------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def add_gate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help="level of the two-sided intervals; PROMOTE needs the lower end above the margin")
     parser.add_argument("--output", help="folder for gate.json / gate.png (default: the candidate folder)")
     parser.add_argument("--no-plot", action="store_true", help="skip gate.png")
-    parser.add_argument("--progress", action="store_true", help="show FQE progress bars")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars of the FQE fits (default on; --no-progress for logs)")
     hints = typing.get_type_hints(GateConfig)
     for item in dataclasses.fields(GateConfig):
         if item.name in _DOCUMENTED:

@@ -107,6 +107,7 @@ class ResidualConfig:
     gate_confidence: float = 0.95
     gate_iterations: int = 0          # FQE Bellman iterations (0: automatic, longest episode + 10)
     gate_steps_per_iteration: int = 50
+    device: str = "auto"              # the learner's (actor and critics): auto = CUDA when present, else CPU
     torch_threads: int = 1            # torch's intra-op threads for the learner (see critic_threads)
     # threads that evaluate groups of critic heads at once (rl.critic.HeadGroups); 0 = automatic: one per
     # core, up to 2 (the env processes need the rest). Same result whatever the count.
@@ -188,7 +189,8 @@ class ResidualPolicy(Policy):
 
     def rl_observation(self, obs: dict[str, np.ndarray], base_action: np.ndarray) -> torch.Tensor:
         flat = flatten_observation(obs, self.config.obs_keys)
-        return torch.as_tensor(np.concatenate([flat, base_action], axis=1), device=self.device)
+        # the actor's device: a learner on CUDA trains the actor there while the base samples on the CPU
+        return torch.as_tensor(np.concatenate([flat, base_action], axis=1), device=self.actor.obs_mean.device)
 
     @torch.no_grad()
     def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -236,23 +238,37 @@ class ResidualLearner(CheckpointedLearner):
         self.config = config
         self.actor = actor
         rl_obs_dim = actor.obs_dim + actor.action_dim
+        device = actor.obs_mean.device   # the learner lives where the actor was put (config field 'device')
         self.critic = CriticEnsemble(rl_obs_dim, actor.action_dim, config.num_critics, config.critic_hidden_dim,
-                                     config.critic_depth, config.layer_norm)
+                                     config.critic_depth, config.layer_norm).to(device)
         self.actor_target = copy.deepcopy(actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads))
+        self.generator = torch.Generator().manual_seed(config.seed)   # CPU: the same draws on any device
+        self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads, device))
         self.critic_updates = 0
         self.actor_updates = 0
 
 
-def resolve_critic_threads(requested: int) -> int:
-    """``critic_threads`` with 0 meaning one thread per core, at most 2."""
+def resolve_critic_threads(requested: int, device: torch.device | str = "cpu") -> int:
+    """``critic_threads`` with 0 meaning one thread per core, at most 2, on a CPU (one on a GPU: its kernels
+    already run the heads in parallel)."""
     import os
 
-    return requested if requested > 0 else max(1, min(2, os.cpu_count() or 1))
+    if requested > 0:
+        return requested
+    return 1 if torch.device(device).type != "cpu" else max(1, min(2, os.cpu_count() or 1))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"config field 'device' is {name!r}: {error}") from error
 
 
 def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
@@ -265,7 +281,7 @@ def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: b
     with torch.no_grad():
         # target-policy smoothing on the residual; the base action of the next state is part of that state
         noise = (torch.randn(batch.action.shape, generator=learner.generator) * config.target_noise).clamp(
-            -config.target_noise_clip, config.target_noise_clip)
+            -config.target_noise_clip, config.target_noise_clip).to(batch.action.device)
         next_action = compose(batch.next_obs[:, -action_dim:], learner.actor_target(batch.next_obs) + noise)
         # REDQ: min over a random subset of the target heads, and only those heads are evaluated
         subset = random_head_subset(config.num_critics, config.critic_subset, learner.generator)
@@ -394,6 +410,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                                          layer_norm=config.layer_norm, base_kind=getattr(base, "kind", ""))
     # The evaluated policy owns a copy of the base: evaluation resets base state that training rollouts need.
     policy = ResidualPolicy(policy_config, base=copy.deepcopy(base))
+    device = resolve_device(config.device)
+    policy.actor.to(device)   # the base stays on the CPU: it samples one chunk for two envs every 4 steps
     learner = ResidualLearner(config, policy.actor)
     rl_obs_dim = spec.obs_dim + action_dim
 
@@ -417,7 +435,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         print(f"resumed at {loop.env_steps} env steps ({len(online)} online transitions)")
     else:
         base.seed_sampling(config.seed)
-        labels = label_base_actions(base, demos, obs_keys)
+        labels = label_base_actions(base, demos, obs_keys, progress=config.progress)
         for episode, label in zip(demos, labels):
             offline.add_episode(episode, obs_keys, extra=label)
         policy.actor.set_observation_statistics(offline.obs[: len(offline), : spec.obs_dim], config.obs_std_floor)
@@ -450,7 +468,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         start = time.perf_counter()
         for _ in range(count):
             batch = sample_symmetric(offline, online, config.batch_size, config.n_step, config.gamma,
-                                     config.offline_fraction).to_torch()
+                                     config.offline_fraction).to_torch(device)
             update_actor = train_actor and (learner.critic_updates + 1) % config.actor_update_every == 0
             for key, value in td3_update(learner, batch, update_actor).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
@@ -474,7 +492,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 residual = noise_rng.uniform(-config.warmup_noise, config.warmup_noise, base_action.shape)
             else:
                 with torch.no_grad():
-                    residual = policy.actor(torch.as_tensor(rl_obs)).numpy()
+                    residual = policy.actor(torch.as_tensor(rl_obs, device=device)).cpu().numpy()
                 residual = residual + noise_rng.normal(0.0, config.exploration_noise, residual.shape)
             action = np.clip(base_action + residual, -1.0, 1.0).astype(np.float32)
             update_debt += config.updates_per_step * config.num_envs

@@ -7,6 +7,7 @@ import torch
 
 from robofinetune.data.episode import Episode
 from robofinetune.errors import DatasetError
+from robofinetune.images import is_image_key
 
 
 class ActionChunkWindows:
@@ -14,6 +15,8 @@ class ActionChunkWindows:
 
     Indices before the episode start repeat the first observation and indices past its end repeat the last
     action (Diffusion Policy's padding), so every step, including the last ones, is a training sample.
+    State keys are held as float32; camera keys (``<camera>_image``) stay uint8, in memory and in every batch
+    (the policy's encoder converts them on its device), so a batch of images costs a quarter of float32.
     """
 
     def __init__(self, episodes: list[Episode], obs_keys: list[str], n_obs_steps: int, horizon: int,
@@ -27,7 +30,8 @@ class ActionChunkWindows:
                                    f"it has {episode.obs_keys}")
             episode.validate(f"{source}: episode {index}")
         self.obs_keys = list(obs_keys)
-        self.observations = {key: np.concatenate([e.observations[key] for e in episodes]).astype(np.float32)
+        self.observations = {key: _concatenate([e.observations[key] for e in episodes],
+                                               np.uint8 if is_image_key(key) else np.float32)
                              for key in obs_keys}
         self.actions = np.concatenate([e.actions for e in episodes]).astype(np.float32)
         obs_index, action_index = [], []
@@ -45,11 +49,24 @@ class ActionChunkWindows:
         return len(self.obs_index)
 
     def flat_observations(self) -> np.ndarray:
-        return np.concatenate([self.observations[key].reshape(len(self.actions), -1) for key in self.obs_keys], axis=1)
+        """The state keys (all but camera images) of every step, flattened side by side: (N, state_dim)."""
+        parts = [self.observations[key].reshape(len(self.actions), -1)
+                 for key in self.obs_keys if not is_image_key(key)]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((len(self.actions), 0), np.float32)
 
     def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         obs = {key: torch.from_numpy(value[self.obs_index[indices]]) for key, value in self.observations.items()}
         return obs, torch.from_numpy(self.actions[self.action_index[indices]])
+
+
+def _concatenate(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    """One array of all episodes' steps, written straight into ``dtype`` (no temporary float copy of images)."""
+    out = np.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), dtype=dtype)
+    start = 0
+    for part in parts:
+        out[start: start + len(part)] = part
+        start += len(part)
+    return out
 
 
 class RandomBatches(torch.utils.data.IterableDataset):

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import warnings
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from robofinetune import logs
 from robofinetune.data.episode import Episode
 from robofinetune.envs import TaskSpec, load_task_spec, make_env
 from robofinetune.envs.experts import make_expert
 from robofinetune.errors import ConfigError
+from robofinetune.images import is_image_key
 
 SOURCES = ("scripted",)
+
+
+def default_collect_envs() -> int:
+    """Env processes ``collect`` uses by default: two where the machine has two cores (one per core otherwise)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def collect_episodes(
@@ -24,11 +36,14 @@ def collect_episodes(
     seed: int = 0,
     only_success: bool = False,
     progress: bool = True,
+    num_envs: int = 1,
 ) -> list[Episode]:
-    """Run the task's scripted expert for ``num_episodes`` episodes (sequentially, one env).
+    """Run the task's scripted expert for ``num_episodes`` episodes, in ``num_envs`` env processes.
 
     Attempt ``k`` resets the env with seed ``seed + k`` and uses a fresh expert seeded with ``seed + k``,
-    so one episode can be reproduced alone from its ``metadata["seed"]``. ``noise`` > 0 gives imperfect,
+    so one episode can be reproduced alone from its ``metadata["seed"]``, and ``num_envs`` changes only the
+    speed: the episodes, their order and the dataset written from them are the same for any ``num_envs``
+    (attempts are handed out in order and their results taken back in order). ``noise`` > 0 gives imperfect,
     multi-operator-like demos (see :mod:`robofinetune.envs.experts`). With ``only_success`` failures are
     dropped and collection goes on until ``num_episodes`` successes (or gives up, with a warning, after
     ``20 * num_episodes + 20`` attempts). Robosuite episodes carry ``states`` (flattened MuJoCo state before
@@ -41,16 +56,20 @@ def collect_episodes(
         raise ConfigError(f"num_episodes must be >= 0, got {num_episodes}")
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")
+    if num_envs < 1:
+        raise ConfigError(f"num_envs must be >= 1, got {num_envs}")
     spec = load_task_spec(task)
     make_expert(spec)  # fail early, before building a slow env, when the task has no expert
-    env = make_env(spec)
-    episodes: list[Episode] = []
+    if num_episodes == 0:
+        return []
     max_attempts = 20 * num_episodes + 20 if only_success else num_episodes
+    episodes: list[Episode] = []
     successes = attempts = 0
     bar = tqdm(total=num_episodes, desc=f"collect {spec.name}", unit="ep", disable=not progress)
+    runner = _ParallelAttempts(spec, noise, seed, max_attempts, num_envs) if num_envs > 1 and num_episodes > 1 \
+        else _SerialAttempts(spec, noise, seed, max_attempts)
     try:
-        while len(episodes) < num_episodes and attempts < max_attempts:
-            episode = _run_episode(env, spec, noise=noise, seed=seed + attempts)
+        for episode in runner:  # attempt 0, 1, 2, ... in order
             episode.metadata["attempt"] = attempts
             attempts += 1
             successes += int(episode.success)
@@ -58,9 +77,11 @@ def collect_episodes(
                 episodes.append(episode)
                 bar.update(1)
             bar.set_postfix(successes=f"{successes}/{attempts}")
+            if len(episodes) >= num_episodes:
+                break
     finally:
         bar.close()
-        env.close()
+        runner.close()
     if len(episodes) < num_episodes:
         warnings.warn(
             f"collect {spec.name}: only {len(episodes)} successful episodes of {num_episodes} wanted after "
@@ -69,6 +90,63 @@ def collect_episodes(
             stacklevel=2,
         )
     return episodes
+
+
+class _SerialAttempts:
+    """Attempts ``0 .. max_attempts - 1`` one after the other in one env of this process."""
+
+    def __init__(self, spec: TaskSpec, noise: float, seed: int, max_attempts: int) -> None:
+        self.spec, self.noise, self.seed, self.max_attempts = spec, noise, seed, max_attempts
+        self.env = make_env(spec) if max_attempts > 0 else None
+
+    def __iter__(self) -> Iterator[Episode]:
+        for attempt in range(self.max_attempts):
+            yield _run_episode(self.env, self.spec, noise=self.noise, seed=self.seed + attempt)
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+class _ParallelAttempts:
+    """The same attempts, in ``num_envs`` worker processes that each keep one env.
+
+    Attempts are submitted in order, at most two per worker ahead of the one being waited for, and yielded in
+    order, so the caller sees exactly what :class:`_SerialAttempts` gives; once the caller stops, attempts not
+    started are cancelled. Workers start with ``forkserver`` (``spawn`` where it does not exist), never ``fork``:
+    a forked child of a process holding an EGL context or torch's thread pool can hang.
+    """
+
+    def __init__(self, spec: TaskSpec, noise: float, seed: int, max_attempts: int, num_envs: int) -> None:
+        self.spec, self.noise, self.seed, self.max_attempts = spec, noise, seed, max_attempts
+        self.num_envs = max(1, min(num_envs, max_attempts))
+        self.log_settings = logs.snapshot()  # the forkserver may predate the current settings: pass them on
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self.executor = ProcessPoolExecutor(self.num_envs, mp_context=multiprocessing.get_context(method))
+
+    def __iter__(self) -> Iterator[Episode]:
+        pending: deque[Future] = deque()
+        submitted = 0
+        while submitted < self.max_attempts or pending:
+            while submitted < self.max_attempts and len(pending) < 2 * self.num_envs:
+                pending.append(self.executor.submit(_worker_episode, self.spec, self.noise, self.seed + submitted,
+                                                    self.log_settings))
+                submitted += 1
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+_worker_envs: dict[str, Any] = {}  # a worker's env, made at its first attempt (errors then reach the caller)
+
+
+def _worker_episode(spec: TaskSpec, noise: float, seed: int, log_settings: dict[str, str | None]) -> Episode:
+    if spec.name not in _worker_envs:
+        logs.restore(log_settings)
+        _worker_envs[spec.name] = make_env(spec)
+    return _run_episode(_worker_envs[spec.name], spec, noise=noise, seed=seed)
 
 
 def _run_episode(env, spec: TaskSpec, noise: float, seed: int) -> Episode:
@@ -103,12 +181,17 @@ def _run_episode(env, spec: TaskSpec, noise: float, seed: int) -> Episode:
     if env_meta is not None:
         metadata["env_meta"] = env_meta
     return Episode(
-        observations={key: np.stack(values).astype(np.float32) for key, values in observations.items()},
+        observations={key: _stored(key, np.stack(values)) for key, values in observations.items()},
         actions=np.stack(actions),
         rewards=np.asarray(rewards, dtype=np.float32),
         terminals=np.asarray(terminals, dtype=bool),
         success=bool(info.get("is_success", False)),
-        final_observation={key: np.asarray(obs[key], dtype=np.float32).copy() for key in spec.obs_keys},
+        final_observation={key: _stored(key, np.asarray(obs[key])).copy() for key in spec.obs_keys},
         states=np.stack(states) if states else None,
         metadata=metadata,
     )
+
+
+def _stored(key: str, values: np.ndarray) -> np.ndarray:
+    """State keys as float32; camera images stay uint8 (as robomimic stores them, 4x smaller than float)."""
+    return values.astype(np.uint8 if is_image_key(key) else np.float32, copy=False)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from robofinetune.errors import DatasetError
+from robofinetune.images import image_problem, is_image_key
 
 
 @dataclass
@@ -70,10 +71,16 @@ class Episode:
         return result
 
     def validate(self, source: str = "episode") -> None:
-        """Raise a DatasetError naming ``source`` and the field when any value is NaN or infinite."""
+        """Raise a DatasetError naming ``source`` and the field when any value is NaN or infinite, or when a
+        camera observation (``<camera>_image``) is not (T, H, W, C) uint8 with 1, 3 or 4 channels."""
         if not np.all(np.isfinite(self.actions)):
             raise DatasetError(f"{source}: field 'actions' contains NaN or inf")
         for key, value in self.observations.items():
+            if is_image_key(key):
+                problem = image_problem(key, value)
+                if problem is not None:
+                    raise DatasetError(f"{source}: {problem}")
+                continue
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise DatasetError(f"{source}: observation '{key}' contains NaN or inf")
         if not np.all(np.isfinite(self.rewards)):

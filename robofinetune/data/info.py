@@ -14,6 +14,7 @@ from robofinetune.data._util import SUCCESS_SOURCE_KEY, SUCCESS_UNKNOWN
 from robofinetune.data.episode import Episode
 from robofinetune.data.io import detect_format
 from robofinetune.errors import DatasetError
+from robofinetune.images import is_image_key
 
 
 class _Moments:
@@ -103,6 +104,14 @@ def _summarize(episodes: Iterable[Episode], where: str) -> dict[str, Any]:
     }
     if state_dims:
         info["state_dim"] = sorted(state_dims)[0] if len(state_dims) == 1 else sorted(state_dims)
+    images = {}
+    for key, moments in obs.items():
+        if is_image_key(key) and len(moments.shapes) == 1 and len(moments.shapes[0]) == 3:
+            height, width, channels = moments.shapes[0]
+            images[key] = {"height": height, "width": width, "channels": channels, "frames": int(sum(lengths)),
+                           "megabytes_uint8": round(sum(lengths) * height * width * channels / 2**20, 2)}
+    if images:
+        info["images"] = images
     return info
 
 
@@ -207,6 +216,9 @@ def format_info(info: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append("observations:")
         lines.extend("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    for key, image in (info.get("images") or {}).items():
+        lines.append(f"camera {key}: {image['height']}x{image['width']}x{image['channels']} uint8, {image['frames']} "
+                     f"frames ({image['megabytes_uint8']:g} MB in memory)")
     actions = info.get("actions")
     if actions:
         lines.append(f"actions: shape {_shape(actions['shape'])} {actions['dtype']}")

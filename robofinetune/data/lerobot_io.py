@@ -536,6 +536,11 @@ class LeRobotWriter:
         if set(episode.observations) != expected:
             raise DatasetError(f"{where}: observation keys {sorted(episode.observations)} differ from the dataset's "
                                f"{sorted(expected)}")
+        for entry in self.layout:
+            shape = tuple(np.shape(episode.observations[entry["key"]])[1:])
+            if entry["feature"] != STATE and shape != tuple(entry["shape"]):
+                raise DatasetError(f"{where}: camera observation '{entry['key']}' has image shape {shape}, the "
+                                   f"dataset's video feature '{entry['feature']}' is {tuple(entry['shape'])}")
         if self.task_description not in self.tasks:
             self.tasks.append(self.task_description)
         task_index = self.tasks.index(self.task_description)

@@ -32,7 +32,8 @@ _default_mujoco_gl()
 
 import gymnasium  # noqa: E402
 
-from robofinetune.envs.spec import TaskSpec, list_tasks, load_task_spec  # noqa: E402
+from robofinetune.envs.spec import TaskSpec, list_tasks, load_task_spec, task_source_for  # noqa: E402
+from robofinetune import logs  # noqa: E402
 from robofinetune.errors import TaskError  # noqa: E402
 
 __all__ = ["TaskSpec", "load_task_spec", "list_tasks", "make_env", "make_vector_env"]
@@ -53,10 +54,9 @@ def make_env(task: str | Path | TaskSpec, seed: int | None = None, render: bool 
     camera; choose with ``render_camera=``, size with ``render_size=(H, W)``). Other ``overrides`` replace
     TaskSpec fields (``horizon=50``) or, for any other name, entries of ``env_kwargs``.
     """
-    if _is_robot(task):
-        from robofinetune.robot.env import make_robot_env
-
-        return make_robot_env(task, seed=seed, **overrides)
+    source = task_source_for(task)
+    if source is not None and source.make_env is not None:  # e.g. a robot YAML: a connected robot env
+        return source.make_env(task, seed=seed, **overrides)
     spec = load_task_spec(task)
     wrapper_kwargs = {key: overrides.pop(key) for key in _WRAPPER_KWARGS if key in overrides}
     if overrides:
@@ -82,9 +82,9 @@ def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, a
 
     ``AsyncVectorEnv`` (one process per env) unless ``num_envs == 1`` or ``asynchronous=False``, then
     ``SyncVectorEnv``. ``context`` is the multiprocessing start method: by default the platform's (``fork``
-    on Linux), but ``forkserver`` when ``render=True`` on Linux, because EGL contexts hang in workers forked
-    from a process that has loaded libEGL (``spawn``/``forkserver`` re-import the task, so scripts using them
-    need the usual ``if __name__ == "__main__":`` guard).
+    on Linux), but ``forkserver`` on Linux when ``render=True`` or the task has cameras, because EGL contexts
+    hang in workers forked from a process that has loaded libEGL (``spawn``/``forkserver`` re-import the task,
+    so scripts using them need the usual ``if __name__ == "__main__":`` guard).
 
     Autoreset mode: **SAME_STEP** (``gymnasium.vector.AutoresetMode.SAME_STEP``, also exported here as
     ``AUTORESET_MODE``). When env ``i`` terminates or truncates in ``step()``, it is reset inside that same
@@ -98,25 +98,18 @@ def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, a
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    if _is_robot(task):  # one robot: one env, driven from this process
+    source = task_source_for(task)
+    if source is not None and source.single_env:  # one robot: one env, driven from this process
         return gymnasium.vector.SyncVectorEnv([functools.partial(make_env, task, seed=seed, **overrides)],
                                               autoreset_mode=AUTORESET_MODE)
     spec = load_task_spec(task)
     if asynchronous and num_envs > 1:
-        if context is None and render and sys.platform.startswith("linux"):
-            context = "forkserver"
+        if context is None and (render or spec.cameras) and sys.platform.startswith("linux"):
+            context = "forkserver"  # camera observations render in the workers too
         factories = [_WorkerEnvFactory(spec, seed + i, render, overrides) for i in range(num_envs)]
         return gymnasium.vector.AsyncVectorEnv(factories, context=context, autoreset_mode=AUTORESET_MODE)
     fns = [functools.partial(make_env, spec, seed=seed + i, render=render, **overrides) for i in range(num_envs)]
     return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AUTORESET_MODE)
-
-
-def _is_robot(task: Any) -> bool:
-    if not isinstance(task, (str, Path)) or not str(task).endswith((".yaml", ".yml")):
-        return False
-    from robofinetune.robot.config import is_robot_config
-
-    return is_robot_config(task)
 
 
 class _SpacesOnlyEnv(gymnasium.Env):
@@ -147,10 +140,13 @@ class _WorkerEnvFactory:
         self.seed = seed
         self.render = render
         self.parent_pid = os.getpid()
+        # where robosuite's chatter goes (robofinetune.logs); a forkserver started earlier has an older environment
+        self.log_settings = logs.snapshot()
 
     def __call__(self) -> gymnasium.Env:
         if os.getpid() == self.parent_pid:
             return _SpacesOnlyEnv(self.spec, self.render)
+        logs.restore(self.log_settings)
         return make_env(self.spec, seed=self.seed, render=self.render, **self.overrides)
 
 

@@ -7,11 +7,7 @@ from gymnasium import spaces
 
 from robofinetune.envs.spec import TaskSpec
 from robofinetune.errors import TaskError
-
-
-def is_image_key(key: str) -> bool:
-    """Camera observations (robosuite names them ``<camera>_image``) stay uint8."""
-    return key.endswith("_image")
+from robofinetune.images import is_image_key  # noqa: F401  (camera observations ``<camera>_image`` stay uint8)
 
 
 def observation_space(spec: TaskSpec) -> spaces.Dict:

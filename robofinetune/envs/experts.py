@@ -73,6 +73,7 @@ class _StyledExpert:
     """Shared bookkeeping: the per-episode style, hesitations and action noise."""
 
     action_dim = 0
+    STATE_KEYS: tuple[str, ...] = ()  # the observation keys act() reads
 
     def __init__(self, noise: float = 0.0, seed: int | None = None) -> None:
         if noise < 0:
@@ -82,6 +83,15 @@ class _StyledExpert:
         self.style = OperatorStyle()
         self._pause_left = 0
         self._last_action: np.ndarray | None = None
+        self._env: Any = None
+
+    def _full_observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``obs`` completed with the simulator state it lacks: an image task shows the goal or the object to the
+        policy only in pixels, the expert still reads it from the simulator (``env.expert_observation()``)."""
+        source = getattr(self._env, "expert_observation", None)
+        if source is None or all(key in obs for key in self.STATE_KEYS):
+            return obs
+        return {**source(), **obs}
 
     def _new_episode(self) -> None:
         self.style = sample_style(self.rng, self.noise)
@@ -111,6 +121,7 @@ class PointMassExpert(_StyledExpert):
     """A PD controller on the force: critically damped for the 1 kg, 1 N s/m point mass."""
 
     action_dim = 2
+    STATE_KEYS = ("agent_pos", "agent_vel", "goal_pos")
 
     def __init__(self, noise: float = 0.0, seed: int | None = None, kp: float = 10.0) -> None:
         super().__init__(noise, seed)
@@ -119,12 +130,14 @@ class PointMassExpert(_StyledExpert):
 
     def reset(self, env: gymnasium.Env) -> None:
         self._new_episode()
+        self._env = env.unwrapped
         self._via = None
         if self.noise > 0:
             # some operators take a detour through a via-point on the way
             self._via = np.asarray(self.style.via_offset[:2]) * 2.0
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        obs = self._full_observation(obs)
         pos = np.asarray(obs["agent_pos"], dtype=np.float64)
         vel = np.asarray(obs["agent_vel"], dtype=np.float64)
         goal = np.asarray(obs["goal_pos"], dtype=np.float64)
@@ -161,6 +174,7 @@ class _WaypointExpert(_StyledExpert):
     """
 
     action_dim = 7
+    STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
     POS_GAIN = 1.5
     ROT_GAIN = 1.0
     OPEN, CLOSE = -1.0, 1.0
@@ -207,6 +221,7 @@ class _WaypointExpert(_StyledExpert):
         return bool(np.linalg.norm(err[:2]) < xy_tol and abs(err[2]) < z_tol)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        obs = self._full_observation(obs)
         self.phase_steps += 1
         target, gripper = self._plan(obs)
         return self._finish(self._servo(obs, target, gripper), motion_dims=6)

@@ -11,6 +11,7 @@ import numpy as np
 from robofinetune.envs.base import action_space, check_action, check_obs_shapes, is_image_key, observation_space
 from robofinetune.envs.spec import TaskSpec
 from robofinetune.errors import TaskError
+from robofinetune.logs import import_robosuite
 
 ROBOMIMIC_ENV_TYPE_ROBOSUITE = 1
 
@@ -25,6 +26,7 @@ def resolve_controller_configs(controller: Any, robots: Any) -> Any:
     """
     if controller is None or isinstance(controller, dict):
         return controller
+    import_robosuite()  # an env process's first robosuite import: its start-up warnings go to the log
     from robosuite.controllers import (
         ALL_PART_CONTROLLERS,
         load_composite_controller_config,
@@ -102,6 +104,21 @@ ROBOMIMIC_OBJECT_BUILDERS = {
 }
 
 
+def _camera_kwargs(spec: TaskSpec, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """robosuite's camera arguments for the spec's cameras (none when it has none)."""
+    if not spec.cameras:
+        return {}
+    wanted = {"use_camera_obs": True, "camera_names": [c.name for c in spec.cameras],
+              "camera_heights": [c.height for c in spec.cameras], "camera_widths": [c.width for c in spec.cameras],
+              "camera_depths": False}
+    for name, value in wanted.items():
+        given = env_kwargs.get(name)
+        if given is not None and given != value and not (isinstance(given, (str, int)) and [given] == value):
+            raise TaskError(f"task '{spec.name}': env_kwargs.{name} is {given!r} but field 'cameras' asks for "
+                            f"{value!r}; name cameras in 'cameras' only")
+    return wanted
+
+
 class RobosuiteEnv(gymnasium.Env):
     """One robosuite env behind the robofinetune Env interface.
 
@@ -124,13 +141,13 @@ class RobosuiteEnv(gymnasium.Env):
         render_camera: str = "agentview",
         render_size: tuple[int, int] = (256, 256),
     ) -> None:
-        import robosuite
-
+        robosuite = import_robosuite()
         self.task_spec = spec
         kwargs = copy.deepcopy(spec.env_kwargs)
         kwargs.setdefault("robots", "Panda")
         kwargs["controller_configs"] = resolve_controller_configs(kwargs.get("controller_configs", "OSC_POSE"),
                                                                    kwargs["robots"])
+        kwargs.update(_camera_kwargs(spec, kwargs))
         kwargs.setdefault("use_camera_obs", False)
         kwargs.setdefault("use_object_obs", True)
         kwargs.setdefault("reward_shaping", False)
@@ -142,6 +159,10 @@ class RobosuiteEnv(gymnasium.Env):
         kwargs["ignore_done"] = True  # the wrapper decides when an episode ends
         self._kwargs = kwargs
         self.robosuite_env = robosuite.make(spec.env_name, seed=seed, **kwargs)
+        self._styled_context: Any = None
+        self._cameras: dict[str, Any] | None = None
+        self._camera_observables()  # switched off before robosuite's first reset could render them
+        self._apply_render_settings()
         low, _ = self.robosuite_env.action_spec
         if len(low) != spec.action_dim:
             raise TaskError(
@@ -169,6 +190,7 @@ class RobosuiteEnv(gymnasium.Env):
         if seed is not None:
             self._reseed_robosuite(seed)
         self.robosuite_env.reset()
+        self._apply_render_settings()  # a hard reset makes a new sim and rendering context
         self._steps = 0
         return self._convert(self._observe()), {"is_success": False}
 
@@ -178,7 +200,7 @@ class RobosuiteEnv(gymnasium.Env):
         # robosuite's own step observations come from the kinematics before the last physics substep (up to
         # ~2 mm behind the state for a falling object); recompute them at the state itself, as robomimic's
         # dataset_states_to_obs did, so that obs == set_state(get_state()) exactly. Costs ~0.5 ms a step.
-        raw = self._observe(keep_images=True)
+        raw = self._observe()
         self._steps += 1
         success = bool(self.robosuite_env._check_success())
         truncated = (not success) and self._steps >= self.horizon
@@ -217,6 +239,20 @@ class RobosuiteEnv(gymnasium.Env):
     def is_success(self) -> bool:
         return bool(self.robosuite_env._check_success())
 
+    def expert_observation(self) -> dict[str, np.ndarray]:
+        """robomimic's low-dim keys (robot0_eef_pos/quat, robot0_gripper_qpos, ``object``) at the current state,
+        whatever the spec observes: an image task hides the object from the policy, not from a scripted expert.
+        Read from robosuite's observation cache, which ``reset``/``step`` refreshed (nothing is rendered)."""
+        env = self.robosuite_env
+        raw = {key: np.asarray(value) for key, value in env._obs_cache.items() if not is_image_key(key)}
+        obs = {key: raw[key].astype(np.float32) for key in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+               if key in raw}
+        if self.task_spec.env_name in ROBOMIMIC_OBJECT_BUILDERS:
+            obs["object"] = ROBOMIMIC_OBJECT_BUILDERS[self.task_spec.env_name](env, raw).astype(np.float32)
+        elif "object-state" in raw:
+            obs["object"] = raw["object-state"].astype(np.float32)
+        return obs
+
     @property
     def env_meta(self) -> dict[str, Any]:
         """robomimic ``env_args``: env_name, env_type (1 = robosuite), env_kwargs (controller config resolved)."""
@@ -226,20 +262,54 @@ class RobosuiteEnv(gymnasium.Env):
 
     # --- helpers -------------------------------------------------------------------------------------------
 
-    def _observe(self, keep_images: bool = False) -> dict[str, Any]:
-        """robosuite's observations at the current state (forward kinematics first, sensors resampled).
+    def _apply_render_settings(self) -> None:
+        """Put the spec's render settings on robosuite's offscreen context (robosuite exposes none of them).
 
-        ``keep_images`` keeps the camera images robosuite rendered during ``step`` instead of rendering them
-        again (rendering dominates the cost of an image step).
+        Multisampling is a property of the context's framebuffer, fixed when the context is made, so the context
+        robosuite made is remade once with the new sample count.
+        """
+        settings = self.task_spec.render_settings
+        sim = self.robosuite_env.sim
+        context = getattr(sim, "_render_context_offscreen", None)
+        if settings.is_default or context is None or context is self._styled_context:
+            return
+        import mujoco
+
+        from robofinetune.envs.rendering import apply_scene_flags
+
+        if settings.multisamples is not None and sim.model.vis.quality.offsamples != settings.multisamples:
+            sim.model.vis.quality.offsamples = settings.multisamples
+            context.gl_ctx.make_current()
+            context.con.free()
+            context.con = mujoco.MjrContext(sim.model._model, mujoco.mjtFontScale.mjFONTSCALE_150)
+            mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, context.con)
+        apply_scene_flags(context.scn.flags, settings)
+        self._styled_context = context
+
+    def _observe(self) -> dict[str, Any]:
+        """robosuite's observations at the current state (forward kinematics first, sensors resampled), and each
+        camera rendered once, here, at that state.
+
+        robosuite itself samples camera observables early in its control step (after the first physics
+        substep, ~45 ms of motion before the state the step ends in) and would render them there; its camera
+        observables are switched off (``_camera_observables``), so an image step renders each camera once, and
+        the frames match the state, as frames rendered by replaying a dataset's states do.
         """
         env = self.robosuite_env
         env.sim.forward()
-        if not (keep_images and self._kwargs["use_camera_obs"]):
-            return env._get_observations(force_update=True)
-        for observable in env._observables.values():
-            if observable.modality != "image":
-                observable.update(timestep=0.0, obs_cache=env._obs_cache, force=True)
-        return env._get_observations()
+        raw = env._get_observations(force_update=True)
+        for name, observable in self._camera_observables().items():
+            raw[name] = observable._sensor(env._obs_cache)
+        return raw
+
+    def _camera_observables(self) -> dict[str, Any]:
+        if self._cameras is None:
+            self._cameras = {}
+            for name, observable in self.robosuite_env._observables.items():
+                if observable.modality == "image" and name in self.task_spec.obs_shapes:
+                    observable.set_enabled(False)  # rendered by _observe instead, at the state the step ends in
+                    self._cameras[name] = observable
+        return self._cameras
 
     def _reseed_robosuite(self, seed: int) -> None:
         # robosuite hands one np.random.Generator (env.rng) to its placement samplers and robot resets; set its

@@ -52,6 +52,8 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
 
     start = time.time()
     num_envs = max(1, min(num_envs, episodes))
+    # the bar shows from the start: env processes take seconds to start (robosuite ~5 s)
+    bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, unit="ep")
     envs = make_vector_env(task, num_envs=num_envs, seed=seed, **(env_overrides or {}))
     num_envs = envs.num_envs  # a robot YAML gives one env whatever was asked
     quotas = [episodes // num_envs + (1 if index < episodes % num_envs else 0) for index in range(num_envs)]
@@ -64,7 +66,6 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
         policy.seed_sampling(seed)
         policy.reset()
         obs, _ = envs.reset(seed=seed)
-        bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, unit="ep")
         while len(results) < episodes:
             with torch.no_grad():
                 actions = policy.select_action(obs)
@@ -79,14 +80,15 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
                     bar.set_postfix(success=f"{np.mean([r[0] for r in results]):.0%}")
                 lengths[index] = 0
                 policy.reset(int(index))
-        bar.close()
     finally:
+        bar.close()
         envs.close()
         policy.seed_sampling(None)
     successes = sum(success for success, _ in results)
     videos = []
-    if video_dir is not None and video_episodes > 0:
-        videos = record_videos(policy, task, Path(video_dir), video_episodes, seed=seed)
+    if video_dir is not None and video_episodes > 0:  # one video per evaluated episode, up to video_episodes
+        videos = record_videos(policy, task, Path(video_dir), min(video_episodes, len(results)), seed=seed,
+                               num_envs=num_envs, progress=progress)
     return EvalResult(task=task, episodes=len(results), successes=int(successes),
                       success_rate=successes / max(len(results), 1),
                       success_ci=success_rate_ci(int(successes), len(results)),
@@ -103,37 +105,72 @@ def _final_success(info: dict[str, Any], index: int) -> bool:
     return bool(info["is_success"][index])
 
 
-def record_videos(policy: Policy, task: str, folder: Path, episodes: int, seed: int = 100_000,
-                  fps: int = 20) -> list[Path]:
-    """Roll out ``episodes`` episodes in one rendering env and write each as an mp4 named by its outcome."""
+def record_videos(policy: Policy, task: str, folder: Path, episodes: int, seed: int = 100_000, fps: int = 20,
+                  num_envs: int = 1, progress: bool = False) -> list[Path]:
+    """Write the first ``episodes`` episodes of ``evaluate_policy(policy, task, num_envs=num_envs, seed=seed)`` as
+    mp4s named by their outcome, one each (``episode_000_success.mp4``, ...), taken round-robin over its envs: env
+    0's first episode, env 1's first, ..., then env 0's second.
+
+    The evaluation starts env ``i`` from reset seed ``seed + i`` and, through ``policy.seed_sampling(seed)``, draws
+    the policy's noise per (env, episode); replaying env ``i`` here in a rendering env, as row ``i`` of the policy's
+    batch, gives the same episodes again (to floating-point batch effects).
+    """
     import cv2
 
     from robofinetune.envs import make_env
 
+    if episodes <= 0:
+        return []
     folder.mkdir(parents=True, exist_ok=True)
-    env = make_env(task, render=True)
-    paths = []
+    width = max(1, min(num_envs, episodes))
+    quotas = [episodes // width + (1 if index < episodes % width else 0) for index in range(width)]
+    envs = []
+    seed_sampling = getattr(policy, "seed_sampling", None)
+    paths: list[tuple[int, Path]] = []
+    bar = tqdm(total=episodes, desc=f"videos {task}", unit="ep", disable=not progress)
     try:
-        for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + episode)
-            policy.reset()
-            frames = [env.render()]
-            success, done = False, False
-            while not done:
-                batched = {key: value[None] for key, value in obs.items()}
-                with torch.no_grad():
-                    action = policy.select_action(batched)[0]
-                obs, _, terminated, truncated, info = env.step(action)
-                frames.append(env.render())
-                success, done = bool(info["is_success"]), terminated or truncated
-            path = folder / f"episode_{episode:03d}_{'success' if success else 'failure'}.mp4"
-            height, width = frames[0].shape[:2]
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-            for frame in frames:
-                writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
-            writer.release()
-            paths.append(path)
-    finally:
-        env.close()
+        envs = [make_env(task, seed=seed + index, render=True) for index in range(width)]
+        if seed_sampling is not None:
+            seed_sampling(seed)
         policy.reset()
-    return paths
+        obs = [env.reset(seed=seed + index)[0] for index, env in enumerate(envs)]
+        frames = [[env.render()] for env in envs]
+        done_counts = [0] * width
+        while any(done < quota for done, quota in zip(done_counts, quotas)):
+            batched = {key: np.stack([env_obs[key] for env_obs in obs]) for key in obs[0]}
+            with torch.no_grad():
+                actions = policy.select_action(batched)
+            for index, env in enumerate(envs):
+                if done_counts[index] >= quotas[index]:
+                    continue  # this env's videos are written; its row of the batch is ignored
+                obs[index], _, terminated, truncated, info = env.step(actions[index])
+                frames[index].append(env.render())
+                if not (terminated or truncated):
+                    continue
+                number = done_counts[index] * width + index
+                outcome = "success" if info["is_success"] else "failure"
+                paths.append((number, _write_video(cv2, folder / f"episode_{number:03d}_{outcome}.mp4",
+                                                   frames[index], fps)))
+                bar.update(1)
+                done_counts[index] += 1
+                policy.reset(index)
+                if done_counts[index] < quotas[index]:
+                    obs[index], _ = env.reset()  # as the evaluation's autoreset: no new seed, the env's RNG goes on
+                    frames[index] = [env.render()]
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+        policy.reset()
+        if seed_sampling is not None:
+            seed_sampling(None)
+    return [path for _, path in sorted(paths)]
+
+
+def _write_video(cv2: Any, path: Path, frames: list[np.ndarray], fps: int) -> Path:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames:
+        writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from robofinetune.errors import TaskError
+from robofinetune.images import image_keys, is_image_key, state_keys
 from robofinetune.policies.normalizer import MinMaxNormalizer
 
 
@@ -32,10 +33,30 @@ class PolicyConfig:
     unet_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
     inference_steps: int = 10     # denoising / Euler steps used by act()
     chain_min_std: float = 0.1    # std floor of each stochastic chain transition (DPPO's min std)
+    # camera observations (obs keys ``<camera>_image``; see robofinetune.policies.encoders), unused without them
+    encoder: str = "conv"         # per-camera backbone: "conv" (DrQ-style) | "resnet18" (GroupNorm, spatial softmax)
+    image_feature_dim: int = 64   # features per camera and time step
+    augmentation: str = "shift"   # training only: "shift" (+-shift_pad px) | "crop" (centre crop at eval) | "none"
+    shift_pad: int = 4
+    crop_fraction: float = 0.9    # 84 -> 76
 
     @property
     def obs_dim(self) -> int:
+        """Flat size of all observation keys (images included; a state-only policy's condition per step)."""
         return int(sum(int(np.prod(self.obs_shapes[key])) for key in self.obs_keys))
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The camera keys (``<camera>_image``) among ``obs_keys``: the camera set the policy was trained on."""
+        return image_keys(self.obs_keys)
+
+    @property
+    def state_keys(self) -> list[str]:
+        return state_keys(self.obs_keys)
+
+    @property
+    def state_dim(self) -> int:
+        return int(sum(int(np.prod(self.obs_shapes[key])) for key in self.state_keys))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +118,17 @@ class GenerativePolicy(Policy):
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.config = config
-        self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
+        if config.image_keys:
+            from robofinetune.policies.encoders import ObservationEncoder
+
+            self.obs_encoder = ObservationEncoder(config.obs_keys, config.obs_shapes, config.encoder,
+                                                  config.image_feature_dim, config.augmentation, config.shift_pad,
+                                                  config.crop_fraction)
+            # the encoder owns the state statistics (stored once, as obs_encoder.state_normalizer.*); the name
+            # every state-only policy has (obs_normalizer.*) is an unregistered alias of them
+            object.__setattr__(self, "obs_normalizer", self.obs_encoder.state_normalizer)
+        else:
+            self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
         self._history: list[deque] = []
         self._queues: list[deque] = []
@@ -110,16 +141,32 @@ class GenerativePolicy(Policy):
         """Raise TaskError naming the key when ``obs`` does not match this policy's observation layout."""
         for key in self.config.obs_keys:
             if key not in obs:
-                raise TaskError(f"policy for task '{self.config.task}' needs observation key '{key}'; "
+                cameras = f" (it was trained on cameras {self.config.image_keys})" if is_image_key(key) else ""
+                raise TaskError(f"policy for task '{self.config.task}' needs observation key '{key}'{cameras}; "
                                 f"got keys {sorted(obs)}")
             expected = tuple(self.config.obs_shapes[key])
             shape = tuple(obs[key].shape[2:] if has_history else obs[key].shape[1:])
             if shape != expected:
                 raise TaskError(f"observation '{key}' has shape {shape}, policy for task '{self.config.task}' "
                                 f"expects {expected}")
+            if is_image_key(key):
+                dtype = obs[key].dtype
+                if dtype not in (np.uint8, torch.uint8):
+                    raise TaskError(f"observation '{key}' is {dtype}; policy for task '{self.config.task}' takes "
+                                    f"images as uint8 (0..255)")
 
     def encode_observation(self, obs: dict[str, Any]) -> torch.Tensor:
-        """Flattened, normalised observation history (B, n_obs_steps * obs_dim) from (B, n_obs_steps, ...)."""
+        """Flattened, normalised observation history (B, n_obs_steps * per-step features) from (B, n_obs_steps, ...).
+
+        State-only: the min-max normalised state keys. With cameras: per step, each camera's image features and
+        then the normalised state keys (:class:`~robofinetune.policies.encoders.ObservationEncoder`; images go
+        in as uint8 and are augmented in training mode only)."""
+        if self.config.image_keys:
+            features = self.obs_encoder(obs)
+            batch, steps, _ = features.shape
+            if steps != self.config.n_obs_steps:
+                raise TaskError(f"observation history has {steps} steps, policy expects {self.config.n_obs_steps}")
+            return features.reshape(batch, -1)
         parts = []
         for key in self.config.obs_keys:
             value = torch.as_tensor(np.asarray(obs[key]) if not torch.is_tensor(obs[key]) else obs[key],
@@ -133,10 +180,17 @@ class GenerativePolicy(Policy):
 
     @property
     def condition_dim(self) -> int:
+        if self.config.image_keys:
+            return self.config.n_obs_steps * self.obs_encoder.output_dim
         return self.config.n_obs_steps * self.config.obs_dim
 
     def set_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
-        """Fit normalisers on flat observations (N, obs_dim) and actions (N, A) from the training data."""
+        """Fit normalisers on the training data: flat state observations (N, state_dim), the state keys in
+        ``obs_keys`` order (all keys for a policy without cameras), and actions (N, A)."""
+        observations = np.asarray(observations)
+        if observations.ndim != 2 or observations.shape[1] != self.config.state_dim:
+            raise ValueError(f"set_normalizers needs flat state observations (N, {self.config.state_dim}) of keys "
+                             f"{self.config.state_keys}, got shape {observations.shape}")
         self.obs_normalizer.load_state_dict(MinMaxNormalizer.from_data(observations).state_dict())
         self.action_normalizer.load_state_dict(MinMaxNormalizer.from_data(actions).state_dict())
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from robofinetune.errors import CheckpointError
+from robofinetune.images import image_keys, is_image_key
 from robofinetune.policies.base import Policy
 
 CHECKPOINT_FORMAT = "robofinetune-policy/1"
@@ -127,17 +128,26 @@ def load_policy(path: str | Path, device: str | torch.device | None = None, task
 
 
 def check_policy_matches_env(policy: Policy, env: gym.Env | gym.vector.VectorEnv, source: str = "policy") -> None:
-    """Raise CheckpointError naming the key when the policy's observation/action layout differs from the env's."""
+    """Raise CheckpointError naming the key when the policy's observation/action layout differs from the env's.
+
+    For a policy with cameras that covers the camera set (every camera it was trained on must be there; extra
+    cameras of the env are ignored) and each image's size: an image encoder only takes the size it was trained on.
+    """
     observation_space = getattr(env, "single_observation_space", env.observation_space)
     action_space = getattr(env, "single_action_space", env.action_space)
     config = policy.config
+    env_cameras = image_keys(observation_space.spaces)
     for key in config.obs_keys:
         if key not in observation_space.spaces:
+            if is_image_key(key):
+                raise CheckpointError(f"{source}: was trained on camera image '{key}' (cameras {config.image_keys}), "
+                                      f"which the env does not provide (env cameras: {env_cameras})")
             raise CheckpointError(f"{source}: needs observation '{key}' which the env does not provide "
                                   f"(env keys: {list(observation_space.spaces)})")
         env_shape = tuple(observation_space.spaces[key].shape)
         if env_shape != tuple(config.obs_shapes[key]):
-            raise CheckpointError(f"{source}: observation '{key}' is {tuple(config.obs_shapes[key])} in the checkpoint "
+            what = "camera image" if is_image_key(key) else "observation"
+            raise CheckpointError(f"{source}: {what} '{key}' is {tuple(config.obs_shapes[key])} in the checkpoint "
                                   f"but {env_shape} in the env")
     if action_space.shape[-1] != config.action_dim:
         raise CheckpointError(f"{source}: action_dim {config.action_dim} but the env takes {action_space.shape[-1]}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from robofinetune.data.episode import Episode
-from robofinetune.errors import DatasetError
+from robofinetune.errors import CheckpointError, DatasetError
 
 
 def flatten_observation(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
@@ -214,6 +214,8 @@ class ReplayBuffer:
         return path
 
     def load(self, path: str | Path) -> None:
+        """Restore a buffer written by :meth:`save` (a run checkpoint's ``<name>.npz``). A truncated, corrupt or
+        mismatched file raises :class:`CheckpointError` naming it."""
         import json
 
         path = Path(path)
@@ -221,9 +223,13 @@ class ReplayBuffer:
             with np.load(path, allow_pickle=False) as data:
                 state = json.loads(str(data["meta"]))
                 state.update({name: data[name] for name in self._ARRAYS})
-        except (OSError, KeyError, ValueError) as error:
-            raise DatasetError(f"{path}: unreadable replay buffer ({error})") from error
-        self.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - numpy/zipfile raise BadZipFile, EOFError, OSError, ValueError...
+            raise CheckpointError(f"{path}: unreadable replay buffer, truncated or corrupt "
+                                  f"({type(error).__name__}: {error})") from error
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: replay buffer does not fit this run ({error})") from error
 
 
 def symmetric_slots(offline: ReplayBuffer, online: ReplayBuffer, batch_size: int,

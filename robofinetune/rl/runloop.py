@@ -114,8 +114,9 @@ class RunLoop:
         was_training = policy.training
         policy.eval()
         try:
+            # its own bar (under the training bar once that runs): a 100-episode evaluation takes minutes
             result = evaluate_policy(policy, self.task, episodes=episodes, num_envs=self.eval_envs,
-                                     seed=self.eval_seed if seed is None else seed, progress=False)
+                                     seed=self.eval_seed if seed is None else seed, progress=self.progress)
         finally:
             policy.train(was_training)
             policy.reset()

@@ -36,11 +36,14 @@ def load_demo_episodes(task: str, dataset: str, obs_keys: list[str], num_demos: 
     with the scripted expert when absent), successful ones only unless told otherwise, the first ``num_demos``."""
     from robofinetune.algos.bc import default_dataset, ensure_default_dataset
     from robofinetune.data.io import load_dataset
+    from robofinetune.data.task_check import check_training_demos
+    from robofinetune.envs import load_task_spec
 
     path = Path(dataset) if dataset else default_dataset(task)
     if not dataset:
         ensure_default_dataset(task, path)
-    episodes, _ = load_dataset(path, obs_keys=obs_keys)
+    episodes, env_meta = load_dataset(path, obs_keys=obs_keys)
+    check_training_demos(episodes, env_meta, load_task_spec(task), str(path))
     if only_success:
         episodes = [episode for episode in episodes if episode.success]
     if num_demos:

@@ -202,6 +202,9 @@ def command_deploy(args: argparse.Namespace) -> int:
                                  incumbent=str(incumbent) if incumbent else None, force=args.force)
     run = Run.create("deploy", config.name, deploy_config, root=args.runs_dir)
     print(f"run folder: {run.path}")
+    from robofinetune.logs import LOG_FILE_NAME, set_log_file
+
+    set_log_file(run.path / LOG_FILE_NAME)
     env = RobotEnv(config)
     watcher = None
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from robofinetune.envs.spec import TaskSpec, load_task_spec
+from robofinetune.envs.spec import TaskSource, TaskSpec, load_task_spec, register_task_source
 from robofinetune.errors import TaskError
 from robofinetune.robot.errors import RobotConfigError
 from robofinetune.robot.messages import (BOOL, DEFAULT_FIELD, FIELDS, IMAGE, IMAGE_CHANNELS, JOINT_STATE,
@@ -550,3 +550,15 @@ def is_robot_config(path: str | Path) -> bool:
 def robot_task_spec(path: str | Path) -> TaskSpec:
     """The sim task a robot YAML mirrors (observation keys, action dim, horizon)."""
     return load_robot_config(path).task
+
+
+def _make_robot_env(path: str | Path, seed: int | None = None, **overrides: Any):
+    from robofinetune.robot.env import make_robot_env  # robot.env imports this module
+
+    return make_robot_env(path, seed=seed, **overrides)
+
+
+# A robot YAML stands for the sim task it mirrors: load_task_spec gives that task, make_env a connected RobotEnv,
+# make_vector_env exactly one of it (one robot).
+register_task_source(TaskSource(name="robot", claims=is_robot_config, task_spec=robot_task_spec,
+                                make_env=_make_robot_env, single_env=True))
