@@ -243,8 +243,10 @@ class ResidualLearner(CheckpointedLearner):
                                      config.critic_depth, config.layer_norm).to(device)
         self.actor_target = copy.deepcopy(actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
+        # fused Adam: one kernel over all of a network's tensors instead of a loop of small ops, ~7x cheaper for
+        # this critic on a CPU core (same update up to float rounding)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)   # CPU: the same draws on any device
         self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads, device))
         self.critic_updates = 0
