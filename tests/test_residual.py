@@ -364,3 +364,8 @@ def test_learner_device_is_resolved_and_a_bad_one_is_named():
     with pytest.raises(ConfigError, match="'device'"):
         residual.resolve_device("gpu0")
     assert residual.resolve_critic_threads(0, "cuda") == 1 and residual.resolve_critic_threads(3, "cuda") == 3
+    import os
+
+    cores = os.cpu_count() or 1
+    assert residual.resolve_critic_threads(0, "cpu", num_envs=cores) == 1     # no core left over: one thread
+    assert residual.resolve_critic_threads(0, "cpu", num_envs=0) == min(2, cores)

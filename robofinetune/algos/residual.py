@@ -109,8 +109,8 @@ class ResidualConfig:
     gate_steps_per_iteration: int = 50
     device: str = "auto"              # the learner's (actor and critics): auto = CUDA when present, else CPU
     torch_threads: int = 1            # torch's intra-op threads for the learner (see critic_threads)
-    # threads that evaluate groups of critic heads at once (rl.critic.HeadGroups); 0 = automatic: one per
-    # core, up to 2 (the env processes need the rest). Same result whatever the count.
+    # threads that evaluate groups of critic heads at once (rl.critic.HeadGroups); 0 = automatic: the cores
+    # the env processes leave free, up to 2 (1 on a 2-core machine). Same result whatever the count.
     critic_threads: int = 0
     progress: bool = True
 
@@ -248,19 +248,24 @@ class ResidualLearner(CheckpointedLearner):
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)   # CPU: the same draws on any device
-        self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads, device))
+        self.head_groups = HeadGroups(config.num_critics, resolve_critic_threads(config.critic_threads, device,
+                                                                              config.num_envs))
         self.critic_updates = 0
         self.actor_updates = 0
 
 
-def resolve_critic_threads(requested: int, device: torch.device | str = "cpu") -> int:
-    """``critic_threads`` with 0 meaning one thread per core, at most 2, on a CPU (one on a GPU: its kernels
-    already run the heads in parallel)."""
+def resolve_critic_threads(requested: int, device: torch.device | str = "cpu", num_envs: int = 0) -> int:
+    """``critic_threads`` with 0 meaning automatic: on a CPU, one thread per core the env processes leave free,
+    at most 2 (on the 2-core machine with 2 env processes that is 1: a second thread competing with the env
+    processes made `train residual` slower there, 12.1 vs 13.4 env steps/s, benchmarks/residual_throughput.py);
+    on a GPU one (its kernels already run the heads in parallel)."""
     import os
 
     if requested > 0:
         return requested
-    return 1 if torch.device(device).type != "cpu" else max(1, min(2, os.cpu_count() or 1))
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(2, (os.cpu_count() or 1) - num_envs))
 
 
 def resolve_device(name: str) -> torch.device:
