@@ -366,40 +366,41 @@ def one_episode_bag(path, robot, **changes):
     return path
 
 
+def refusal(bag, robot_yaml, options=None):
+    """The BagError message ``read_bag`` raises for ``bag``; every refusal names the bag."""
+    with pytest.raises(BagError) as error:
+        read_bag(bag, robot_yaml, *([options] if options is not None else []))
+    text = str(error.value)
+    assert str(bag) in text
+    return text
+
+
 def test_a_missing_topic_names_the_bag_the_topic_and_the_yaml_field(tmp_path):
     robot = load_robot_config(REALTIME)
     bag = one_episode_bag(tmp_path / "nogoal.bag", robot, drop_topic="/pointmass/goal")
-    with pytest.raises(BagError) as error:
-        read_bag(bag, REALTIME)
-    text = str(error.value)
-    assert str(bag) in text and "topic '/pointmass/goal'" in text and "observations.goal_pos" in text
+    text = refusal(bag, REALTIME)
+    assert "topic '/pointmass/goal'" in text and "observations.goal_pos" in text
     assert "is not in the bag" in text and "/pointmass/joint_states" in text   # lists what the bag has
 
 
 def test_a_message_type_that_does_not_match_the_yaml_is_refused(tmp_path):
     robot = load_robot_config(REALTIME)
     bag = one_episode_bag(tmp_path / "goaltype.bag", robot, goal_type=True)
-    with pytest.raises(BagError) as error:
-        read_bag(bag, REALTIME)
-    text = str(error.value)
-    assert str(bag) in text and "topic '/pointmass/goal' is std_msgs/Float64MultiArray in the bag" in text
+    text = refusal(bag, REALTIME)
+    assert "topic '/pointmass/goal' is std_msgs/Float64MultiArray in the bag" in text
     assert "field 'observations.goal_pos.type' says geometry_msgs/PoseStamped" in text
 
 
 def test_messages_of_the_wrong_size_are_refused(tmp_path):
     robot = load_robot_config(REALTIME)
     bag = one_episode_bag(tmp_path / "cmd3.bag", robot, command_values=[0.1, 0.2, 0.3])
-    with pytest.raises(BagError) as error:
-        read_bag(bag, REALTIME)
-    text = str(error.value)
-    assert str(bag) in text and "topic '/pointmass/command' (command, field 'data'): message 2" in text
+    text = refusal(bag, REALTIME)
+    assert "topic '/pointmass/command' (command, field 'data'): message 2" in text
     assert "has 3 values, but task 'pointmass' has 2 action dims" in text
 
     bag = one_episode_bag(tmp_path / "joints.bag", robot, joint_names=True)
-    with pytest.raises(BagError) as error:
-        read_bag(bag, REALTIME)
-    text = str(error.value)
-    assert str(bag) in text and "topic '/pointmass/joint_states' (observations.agent_pos, field 'position')" in text
+    text = refusal(bag, REALTIME)
+    assert "topic '/pointmass/joint_states' (observations.agent_pos, field 'position')" in text
     assert "joints ['slide_y'] not in the message" in text
 
     # an array observation whose messages hold fewer values than the key's shape
@@ -409,10 +410,8 @@ def test_messages_of_the_wrong_size_are_refused(tmp_path):
     assert read_bag(bag, good_yaml)[0][0].observations["goal_pos"].shape == (6, 2)
     wide = robot_yaml(tmp_path, name="wide.yaml", **{"observations.goal_pos": array_goal},
                       extra_observations={"goal_wide": {**array_goal, "shape": [3]}})
-    with pytest.raises(BagError) as error:
-        read_bag(bag, wide)
-    text = str(error.value)
-    assert str(bag) in text and "topic '/pointmass/goal' (extra_observations.goal_wide, field 'data'): message 0" in text
+    text = refusal(bag, wide)
+    assert "topic '/pointmass/goal' (extra_observations.goal_wide, field 'data'): message 0" in text
     assert "has 2 values, but 'goal_wide' has shape [3]" in text
 
 
@@ -420,10 +419,8 @@ def test_timestamps_going_backwards_are_refused(tmp_path):
     robot = load_robot_config(REALTIME)
     bag = one_episode_bag(tmp_path / "back.bag", robot, stamp_back=True)
     for clock in ("receive", "header"):
-        with pytest.raises(BagError) as error:
-            read_bag(bag, REALTIME, BagOptions(clock=clock))
-        text = str(error.value)
-        assert str(bag) in text and "topic '/pointmass/joint_states' field 'header.stamp'" in text
+        text = refusal(bag, REALTIME, BagOptions(clock=clock))
+        assert "topic '/pointmass/joint_states' field 'header.stamp'" in text
         assert "timestamps go backwards: message 3" in text and "before message 2" in text
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError
 from robofinetune.policies import load_policy, register_policy, save_policy
+from robofinetune.policies.checkpoint import default_device
 from robofinetune.policies.base import Policy
 from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
@@ -271,7 +272,7 @@ def resolve_critic_threads(requested: int, device: torch.device | str = "cpu", n
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; anything else as torch reads it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         return torch.device(name)
     except RuntimeError as error:
