@@ -8,13 +8,13 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: setup system-deps train train-bc test test-slow bench clean
+.PHONY: setup system-deps train train-bc test test-slow check-readers bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ray]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -40,8 +40,12 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# robomimic's and LeRobot's own readers open what robofinetune writes (builds the side venv .venv-readers once)
+check-readers: setup
+	$(BIN)/python scripts/check_external_readers.py
+
 bench: setup
 	$(BIN)/python benchmarks/bc_can.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-readers runs .pytest_cache

@@ -7,6 +7,12 @@ It reads the robot YAML the runner reads, and speaks its side of it:
 
 * publishes every observation topic (JointState, PoseStamped, Float64MultiArray, Image: the inverse of the
   mapping ``RobotEnv`` decodes), and ``success`` (std_msgs/Bool) with every observation;
+* cameras: each camera key of the task (``<camera>_image``, rendered by the task env at every sim step) goes out as
+  a ``sensor_msgs/Image`` at the control rate, in the YAML's encoding (rgb8). The rows are the env's array as it
+  is: top row first for MuJoCo's renderer (pointmass_image), OpenGL's bottom-up order for robosuite (can_image,
+  as robomimic stores images), unless the key sets ``flip_rows``: then the topic carries the rows reversed
+  (top row first for robosuite, as a real camera sends them) and ``RobotEnv`` reverses them back. Either way the
+  policy sees over ROS exactly the pixels it sees in process;
 * takes commands on ``command.topic`` (the action is recovered as ``(value - offset) / scale``);
 * resets on a JSON request ``{"id", "seed"}`` (std_msgs/String) on ``reset.request_topic`` and answers
   ``{"id", "seed", "episode"}`` on ``reset.done_topic`` once the new episode's first observation is out;
@@ -140,7 +146,8 @@ class TwinNode:
         encodings: dict[str, str] = {}
         for source in self.config.all_observations.values():
             by_topic.setdefault(source.topic, []).append({"value": self.obs[source.key], "field": source.field,
-                                                          "joints": source.joints, "index": source.index})
+                                                          "joints": source.joints, "index": source.index,
+                                                          "flip_rows": source.flip_rows})
             encodings[source.topic] = source.encoding
         types = self.config.topics()
         for topic, parts in by_topic.items():

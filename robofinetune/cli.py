@@ -7,6 +7,7 @@
     robofinetune eval --task=can --policy=PATH --episodes=100 [--video] [--out=DIR]
     robofinetune distill --teacher=PATH --task=can
     robofinetune gate --candidate=A --incumbent=B --data=DATASET
+    robofinetune ogpo-probe --task=can [--critic NAME=PRESET.yaml ...] [--episodes=120 --train-episodes=80]
     robofinetune deploy --robot=real_robot/can_twin.yaml --policy=PATH --episodes=N
     robofinetune record --robot=real_robot/can_twin.yaml --teleop=keyboard
 
@@ -43,6 +44,8 @@ EXTRA_COMMANDS = {
     "gate": ("robofinetune.algos.ope_cli", "add_gate_parser", "off-policy evaluation gate: promote only with a confident gain"),
     "deploy": ("robofinetune.robot.cli", "add_deploy_parser", "run a policy on a robot (or its MuJoCo twin) over ROS"),
     "record": ("robofinetune.robot.cli", "add_record_parser", "record teleoperated episodes into a dataset"),
+    "ogpo-probe": ("robofinetune.algos.critic_probe", "add_probe_parser",
+                   "does a critic rank a policy's chains? (OGPO critic probe)"),
 }
 
 
@@ -88,7 +91,9 @@ def _command_data(args: argparse.Namespace) -> int:
         if len(args.source) != 1:
             raise ConfigError(f"data convert: one source dataset at a time (several sources only for ROS bags), "
                               f"got {args.source}")
-        output = convert_dataset(args.source[0], args.destination, task=args.task)
+        cameras = [name for name in (args.cameras or "").split(",") if name]
+        output = convert_dataset(args.source[0], args.destination, task=args.task, cameras=cameras or None,
+                                 progress=True)
         print(f"wrote {output or args.destination}")
     return 0
 
@@ -116,8 +121,9 @@ def _convert_bags(args: argparse.Namespace) -> int:
 
 
 # What a resumed run may change: its length and how it is watched, never what it learns with.
+# device: a run started on a GPU machine may go on on a CPU one (checkpoints are device-independent)
 RESUME_OVERRIDABLE = ("total_env_steps", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-                      "log_every", "progress")
+                      "log_every", "progress", "device")
 
 
 def _resume_overrides(overrides: dict, saved: dict, run_path) -> dict:
@@ -225,6 +231,15 @@ class EvalConfig:
     seed: int
     video: bool
     video_episodes: int
+    num_env_workers: int = 0
+    ray_address: str = ""
+
+
+def _ray_env_options(args: argparse.Namespace) -> dict[str, Any]:
+    """make_vector_env's options for --num-env-workers / --ray-address: {} keeps the local env processes."""
+    if not args.num_env_workers:
+        return {}
+    return {"backend": "ray", "num_workers": args.num_env_workers, "ray_address": args.ray_address or None}
 
 
 def _command_eval(args: argparse.Namespace) -> int:
@@ -247,12 +262,14 @@ def _command_eval(args: argparse.Namespace) -> int:
         else:
             config = EvalConfig(task=str(args.task), policy=str(args.policy), episodes=args.episodes,
                                 num_envs=args.num_envs, seed=args.seed, video=args.video,
-                                video_episodes=args.video_episodes)
+                                video_episodes=args.video_episodes, num_env_workers=args.num_env_workers,
+                                ray_address=args.ray_address)
             folder = Run.create("eval", task_name, config, root=args.runs_dir).path
         set_log_file(folder / LOG_FILE_NAME)
         report, video_dir = folder / "eval.json", folder / "videos"
     result = evaluate_policy(policy, args.task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
-                             video_dir=video_dir if args.video else None, video_episodes=args.video_episodes)
+                             video_dir=video_dir if args.video else None, video_episodes=args.video_episodes,
+                             env_overrides=_ray_env_options(args))
     output = {**result.to_dict(), "policy": str(args.policy), "seed": args.seed}
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(output, indent=2))
@@ -296,6 +313,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     convert.add_argument("source", nargs="+", help="a dataset, or one or more ROS bags")
     convert.add_argument("destination")
     convert.add_argument("--task", help="task for replaying robosuite demos (inferred when possible)")
+    convert.add_argument("--cameras", help="with --task=<a task with cameras>: render these of its cameras "
+                         "(comma-separated; default all) for a dataset that has MuJoCo states but no images")
     convert.add_argument("--robot", help="ROS bags: the robot YAML that maps topics to observation keys and the "
                                          "command to the action")
     convert.add_argument("--ticks", default="auto", choices=["auto", "command", "rate"],
@@ -332,6 +351,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="JSON report path instead (videos in the folder of the same name)")
     evaluate.add_argument("--runs-dir", help="where run folders go (default ./runs)")
     evaluate.add_argument("--any-task", action="store_true", help="skip the checkpoint's task-name check")
+    evaluate.add_argument("--num-env-workers", type=int, default=0,
+                          help="run the --num-envs envs in this many Ray actors (default 0: local env processes)")
+    evaluate.add_argument("--ray-address", default="",
+                          help="with --num-env-workers: empty starts a local Ray; 'auto' or ray://host:port joins a "
+                               "cluster (README: Scaling out on Ray)")
 
     # Later stages bring their own sub-commands; each sets `handler` on its parser. Their modules import
     # Lightning and friends, so only the one being run is imported (the others get a one-line stub for --help).

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from robofinetune.algos.ogpo import (ChunkedActor, NextActionCache, OGPOConfig, OGPOLearner, SuccessBuffer,
-                                     conservative_advantage, critic_observation, critic_update, demo_chunk_transitions,
-                                     executed_chunk, group_relative, ogpo_actor_update, ppo_chain_loss, ratio_log_prob,
-                                     rms_scaled, unflatten_history)
+from robofinetune.algos.chain_rl import (ChunkedActor, DenoisingChain, SuccessBuffer, chain_log_density,
+                                         critic_observation, demo_chunk_transitions, ema_update, executed_chunk,
+                                         ppo_chain_loss, ratio_log_prob, unflatten_history)
+from robofinetune.algos.ogpo import (NextActionCache, OGPOConfig, OGPOLearner, conservative_advantage, critic_update,
+                                     group_relative, ogpo_actor_update, rms_scaled, sample_success_batch,
+                                     scheduled_lr)
 from robofinetune.data.episode import Episode
 from robofinetune.policies import POLICY_TYPES
 from robofinetune.rl import ReplayBuffer, TransitionBatch, VectorRollout
@@ -471,3 +473,374 @@ def test_success_buffer_takes_the_runs_own_successes_only_when_asked(poor_base, 
     successes = json.loads((run / "summary.json").read_text())["train_success"]
     assert successes > 0                          # the run did have successes to admit or refuse
     assert (sizes[-1] > sizes[0]) == online
+
+
+# --- the reference recipe's pieces (issue 18) --------------------------------------------------------------------
+
+def _flow_states(policy, rows=6, seed=0):
+    return torch.as_tensor(np.random.default_rng(seed).uniform(-0.3, 0.3, (rows, policy.config.n_obs_steps * 6)),
+                           dtype=torch.float32)
+
+
+@pytest.mark.parametrize("noise", ["constant", "tapered"])
+def test_per_chain_ratio_is_one_unchanged_and_the_mean_element_log_density(noise):
+    torch.manual_seed(0)
+    policy = make_policy("flow")
+    chain = DenoisingChain(5, noise, score_drift=noise == "tapered", clip_intermediate=noise == "tapered")
+    flat = _flow_states(policy)
+    with torch.no_grad():
+        chains = chain.sample(policy, flat)
+        per_chain = ratio_log_prob(policy, flat, chains, chain=chain, per_chain=True)
+        elements = chain.transition_log_prob(policy, flat, chains, per_element=True)        # (N, K, H, A)
+    initial = torch.distributions.Normal(0.0, 1.0).log_prob(chains[:, 0])                   # x_K ~ N(0, I)
+    expected = (initial.sum(dim=(1, 2)) + elements.sum(dim=(1, 2, 3))) / (6 * 4 * 2)        # (K + 1) x H x A
+    assert per_chain.shape == (6, 1)
+    assert torch.allclose(per_chain[:, 0], expected, atol=1e-5)
+    # the summed transition density is the policy's own when the chain is the policy's
+    if noise == "constant":
+        with torch.no_grad():
+            own = policy.chain_log_prob(unflatten_history(flat, policy), chains)
+        assert torch.allclose(elements.sum(dim=(-1, -2)), own, atol=1e-4)
+    # an unchanged policy: every chain's ratio is exactly 1; a moved one: not
+    with torch.no_grad():
+        again = ratio_log_prob(policy, flat, chains, chain=chain, per_chain=True)
+        _, stats = ppo_chain_loss(again, per_chain, torch.ones(6), clip=0.01)
+        assert stats["ratio_dev"] == 0.0
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        moved = ratio_log_prob(policy, flat, chains, chain=chain, per_chain=True)
+    assert (moved - per_chain).abs().max() > 1e-4
+    assert torch.allclose(chain_log_density(policy, flat, chains, chain, last_transitions=2),
+                          elements_after(policy, chain, flat, chains)[:, -2:].mean(dim=(1, 2, 3)), atol=1e-5)
+
+
+def elements_after(policy, chain, flat, chains):
+    with torch.no_grad():
+        return chain.transition_log_prob(policy, flat, chains, per_element=True)
+
+
+def test_tapered_noise_schedule_values_and_the_sampler_follows_them():
+    from robofinetune.errors import ConfigError
+
+    torch.manual_seed(0)
+    policy = make_policy("flow")
+    policy.config.chain_min_std = 0.05
+    chain = DenoisingChain(4, "tapered")
+    assert torch.allclose(chain.noise_std(policy), 0.05 * torch.tensor([1.0, 0.75, 0.5, 0.25]).sqrt())
+    assert torch.allclose(DenoisingChain(4).noise_std(policy), torch.full((4,), 0.05))
+    # each sampled step's deviation from its mean has the scheduled std
+    flat = _flow_states(policy, rows=1).repeat(4000, 1)
+    with torch.no_grad():
+        chains = chain.sample(policy, flat)
+        condition = policy.encode_observation(unflatten_history(flat, policy))
+        for k in range(4):
+            mean = chain._flow_means(policy, chains[:, k], torch.full((len(flat),), k / 4), condition)
+            spread = (chains[:, k + 1] - mean).std().item()
+            assert spread == pytest.approx(chain.noise_std(policy)[k].item(), rel=0.05)
+    with pytest.raises(ConfigError, match="chain_score_drift"):
+        DenoisingChain(4, "constant", score_drift=True)
+    with pytest.raises(ConfigError, match="chain_noise"):
+        DenoisingChain(4, "linear")
+    with pytest.raises(ConfigError, match="flow"):
+        DenoisingChain(4, "tapered").check_policy(make_policy("diffusion"))
+
+
+def test_ema_target_actor_samples_the_group_and_moves_by_tau_after_each_step():
+    torch.manual_seed(0)
+    policy = make_policy("flow")
+    config = OGPOConfig(task="pointmass", group_size=4, actor_epochs=1, actor_minibatch=10_000, bc_coef=0.0,
+                        conservative_advantage=False, num_critics=3, critic_hidden_dim=16, actor_lr=1e-3,
+                        target_actor_tau=0.25, ratio_per_chain=True)
+    learner = OGPOLearner(config, policy, chain_steps=5)
+    assert learner.sampler is learner.target_policy
+    before = [parameter.detach().clone() for parameter in learner.target_policy.parameters()]
+    stats = ogpo_actor_update(learner, _flow_states(policy), success=None)
+    assert stats["ratio_dev"] < 1e-5          # target == policy before the first step: the ratio starts at 1
+    for old, target, online in zip(before, learner.target_policy.parameters(), policy.parameters()):
+        assert torch.allclose(target, 0.75 * old + 0.25 * online.detach(), atol=1e-6)
+    assert any(not torch.equal(t, p) for t, p in zip(learner.target_policy.parameters(), policy.parameters()))
+    assert not any(parameter.requires_grad for parameter in learner.target_policy.parameters())
+    # the denominator is now the (lagging) target actor: the next round's ratios start off 1
+    stats = ogpo_actor_update(learner, _flow_states(policy), success=None)
+    assert stats["ratio_dev"] > 1e-6
+    target = make_policy("flow")
+    ema_update(target, policy, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), policy.parameters()))
+
+
+def test_actor_learning_rate_warms_up_then_decays_to_its_end():
+    config = OGPOConfig(actor_lr=4.5e-5, actor_lr_warmup_steps=2000, actor_lr_decay_steps=50000, actor_lr_end=2e-5)
+    assert scheduled_lr(config, 0) == pytest.approx(4.5e-5 / 2000)
+    assert scheduled_lr(config, 1999) == pytest.approx(4.5e-5)
+    assert scheduled_lr(config, 26000) == pytest.approx((4.5e-5 + 2e-5) / 2)
+    assert scheduled_lr(config, 10**6) == pytest.approx(2e-5)
+    assert scheduled_lr(OGPOConfig(actor_lr=1e-4), 12345) == 1e-4
+
+
+def test_success_td_batch_holds_only_transitions_of_successful_episodes():
+    from robofinetune.algos.chain_rl import ChunkTransition
+    from robofinetune.algos.ogpo import SuccessfulEpisodes
+
+    def chunk(env, reward, terminated=False, truncated=False):
+        return ChunkTransition(env, np.full(12, reward, np.float32), np.zeros(4, np.float32), np.zeros((6, 4, 2)),
+                               reward=reward, next_obs=np.zeros(12, np.float32), terminated=terminated,
+                               truncated=truncated)
+
+    sorter = SuccessfulEpisodes(num_envs=2)
+    assert sorter.add([chunk(0, 0.1), chunk(1, 0.2)]) == []
+    assert sorter.add([chunk(1, 0.2, truncated=True), chunk(0, 0.1)]) == []          # env 1 timed out: dropped
+    won = sorter.add([chunk(1, 0.3), chunk(0, 1.0, terminated=True)])                 # env 0 succeeded
+    assert [c.reward for c in won] == [0.1, 0.1, 1.0] and all(c.env_index == 0 for c in won)
+    assert sorter.add([chunk(1, 0.3, terminated=True)])[0].reward == 0.3              # env 1's new episode only
+    buffer = ReplayBuffer(12, 4, capacity=64, seed=0)
+    buffer.add_transitions(np.stack([c.obs for c in won]), np.stack([c.action for c in won]),
+                           np.array([c.reward for c in won]), np.stack([c.next_obs for c in won]),
+                           np.array([c.terminated for c in won]), np.array([c.truncated for c in won]), [0, 0, 0])
+    config = OGPOConfig(task="pointmass", critic_batch_size=32)
+    batch, next_actions = sample_success_batch(buffer, {}, config, gamma_chunk=0.9)
+    assert next_actions is None and len(batch.reward) == 32
+    rewards = batch.reward.numpy()
+    assert np.all(np.isclose(rewards, 0.1) | np.isclose(rewards, 1.0))     # env 1's rows never appear
+
+
+PRESETS = ("can_reference", "can_cpu", "can_dppo")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_whole_and_pass_the_config_checks(name):
+    from robofinetune.algos.ogpo import _check_config
+    from robofinetune.config import config_from_dict, load_yaml, resolve_config
+    from robofinetune.paths import configs_dir
+
+    path = configs_dir() / "ogpo" / f"{name}.yaml"
+    config = resolve_config(OGPOConfig, "ogpo", {}, extra_preset=path)        # as `train ogpo --config=...`
+    _check_config(config)
+    alone = config_from_dict(OGPOConfig, load_yaml(path), str(path))
+    # self-contained: the can task preset underneath changes nothing the mode reads
+    for field_name in vars(alone):
+        if field_name != "dppo" or alone.mode == "dppo":
+            assert getattr(config, field_name) == getattr(alone, field_name), field_name
+    if name == "can_reference":
+        assert (config.target_actor_tau, config.ratio_per_chain, config.chain_noise, config.group_size,
+                config.actor_states, config.actor_update_every, config.actor_epochs) == (0.005, True, "tapered", 32, 256, 1, 1)
+        assert (config.critic_hidden_dim, config.critic_depth, config.tau, config.critic_lr,
+                config.critic_weight_decay) == (512, 4, 0.05, 4.5e-5, 1e-5)
+        assert (config.offline_fraction, config.success_td, config.bc_coef, config.advantage_critic,
+                config.reward_scale, config.reward_offset) == (0.0, True, 1.0, "target", 6.0, -1.0)
+    if name == "can_cpu":   # only the stated scales differ from the reference recipe
+        reference = resolve_config(OGPOConfig, "ogpo", {}, extra_preset=configs_dir() / "ogpo" / "can_reference.yaml")
+        differing = {f for f in vars(config) if f != "dppo" and getattr(config, f) != getattr(reference, f)}
+        assert differing == {"num_envs", "total_env_steps", "actor_update_every", "actor_states", "group_size",
+                             "actor_minibatch", "actor_lr_warmup_steps", "actor_lr_decay_steps", "critic_hidden_dim",
+                             "critic_depth", "critic_updates_per_step", "next_action_cache", "eval_every",
+                             "eval_episodes", "checkpoint_every", "log_every"}
+    if name == "can_dppo":
+        assert config.mode == "dppo" and config.dppo.steps_per_iteration == 60_000
+        assert (config.dppo.ft_denoising_steps, config.chain_steps, config.dppo.critic_warmup_iterations) == (10, 20, 2)
+
+
+@pytest.mark.slow
+def test_reference_style_run_resumes_with_target_actor_and_success_rows(poor_base, tmp_path):
+    """The reference's options together on pointmass (diffusion base: constant noise): EMA target actor,
+    per-chain ratio, target-critic advantages, reward -1/+5, online-only critic data, success-buffer TD steps;
+    the checkpoint keeps the target actor and the success rows, and a resume continues."""
+    from robofinetune.cli import main
+
+    base, demos = poor_base
+    runs = tmp_path / "runs"
+    options = ["--target_actor_tau=0.05", "--ratio_per_chain=true", "--advantage_critic=target", "--reward_scale=6",
+               "--reward_offset=-1", "--clip_target=false", "--offline_fraction=0", "--success_td=true",
+               "--critic_weight_decay=1e-5", "--actor_epochs=1", "--actor_minibatch=1000", "--bc_from_demos=false",
+               "--actor_update_every=20", "--checkpoint_every=300"]
+    assert main(_cli_args(base, demos, runs, "--total_env_steps=400", *options)) == 0
+    run = next(runs.iterdir())
+    first = json.loads((run / "summary.json").read_text())
+    assert first["actor_rounds"] >= 10 and first["train_success"] > 0
+    rows = np.load(run / "checkpoints" / "latest" / "success.npz")
+    state = torch.load(run / "checkpoints" / "latest" / "state.pt", weights_only=False)
+    assert any(key.startswith("target_policy.") for key in state["learner"]["networks"])
+    size = len(rows["reward"])              # saved trimmed to the rows held
+    assert size > 0
+    # every stored episode ends in success: the rows whose chain ends (no next row) are all terminal
+    ends = rows["next_index"][:size] < 0
+    assert np.all(rows["terminated"][:size][ends])
+    assert main(["train", "ogpo", f"--resume={run}", "--total_env_steps=500"]) == 0
+    assert json.loads((run / "summary.json").read_text())["actor_rounds"] > first["actor_rounds"]
+
+
+def test_probe_auc_and_partial_correlation_on_cases_with_known_answers():
+    from robofinetune.algos.critic_probe import auc, partial_correlation
+
+    assert auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    # 3 of the 4 (success, failure) pairs ranked right; one tie counts a half
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auc(np.array([0.5, 0.5, 0.5]), np.array([0, 1, 1])) == pytest.approx(0.5)
+    assert np.isnan(auc(np.array([0.1, 0.2]), np.array([1, 1])))
+    # a score that is the label plus a function of the control: correlation 1 once the control is regressed out
+    generator = np.random.default_rng(0)
+    control = generator.normal(size=500)
+    label = (generator.uniform(size=500) < 0.5).astype(float)
+    assert partial_correlation(label + 3 * control, label, control) == pytest.approx(1.0)
+    assert abs(partial_correlation(generator.normal(size=500) + control, label, control)) < 0.15
+
+
+# --- device placement ------------------------------------------------------------------------------------------
+
+def _tensors(value):
+    """Every tensor in a nested checkpoint state."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def test_device_defaults_to_auto_which_is_cuda_only_when_torch_sees_one():
+    from robofinetune.algos.chain_rl import resolve_chain_device
+
+    assert OGPOConfig().device == "auto"
+    assert resolve_chain_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_chain_device("cpu") == torch.device("cpu")
+
+
+BAD_DEVICES = ["gpu", "cuda:x", "meta", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+
+
+@pytest.mark.parametrize("name", BAD_DEVICES)
+def test_a_bad_or_absent_device_is_a_config_error_naming_the_field(name):
+    from robofinetune.algos.ogpo import _check_config
+    from robofinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config field 'device'") as error:
+        _check_config(OGPOConfig(task="pointmass", device=name))
+    assert repr(name) in str(error.value)
+
+
+def test_a_bad_device_stops_train_ogpo_before_anything_loads(tmp_path, capsys):
+    from robofinetune.cli import main
+
+    arguments = ["train", "ogpo", "--task=pointmass", "--device=gpu", f"--runs-dir={tmp_path}", "--progress=false"]
+    assert main(arguments) != 0
+    assert "config field 'device' is 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("noise", ["constant", "tapered"])
+def test_chain_noise_comes_from_the_learners_generator_on_the_policys_device(noise):
+    """Groups drawn in an actor round use the learner's own generator (on the policy's device), not torch's global
+    RNG: moving the global RNG between two otherwise identical rounds changes nothing."""
+    weights = []
+    for disturb in (False, True):
+        torch.manual_seed(0)
+        policy = make_policy("flow")
+        config = OGPOConfig(task="pointmass", group_size=4, actor_epochs=1, actor_minibatch=10_000, bc_coef=0.0,
+                            conservative_advantage=False, num_critics=3, critic_hidden_dim=16, actor_lr=1e-3, seed=5,
+                            chain_noise=noise, device="cpu")
+        learner = OGPOLearner(config, policy, chain_steps=5)
+        assert learner.sampling_generator.device == policy.device == learner.device
+        if disturb:
+            torch.randn(1000)
+        ogpo_actor_update(learner, _flow_states(policy), success=None)
+        weights.append([parameter.detach().clone() for parameter in policy.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_learner_state_is_on_the_cpu_and_another_devices_generator_state_is_reseeded(capsys):
+    torch.manual_seed(0)
+    config = OGPOConfig(task="pointmass", num_critics=2, critic_hidden_dim=16, target_actor_tau=0.1, seed=3)
+    learner = OGPOLearner(config, make_policy("flow"), chain_steps=5)
+    torch.randn(3, generator=learner.sampling_generator)
+    state = learner.learner_state()
+    assert state["sampling_generator"]["device"] == learner.device.type
+    tensors = list(_tensors(state))
+    assert len(tensors) > 10 and all(tensor.device.type == "cpu" for tensor in tensors)
+    # same kind of device: the chain's noise continues exactly where it was
+    expected = torch.randn(5, generator=learner.sampling_generator)
+    resumed = OGPOLearner(config, make_policy("flow"), chain_steps=5)
+    resumed.load_learner_state(state)
+    assert torch.equal(torch.randn(5, generator=resumed.sampling_generator), expected)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), learner.parameters()))
+    assert capsys.readouterr().out == ""
+    # written on the other kind of device (a CUDA generator state does not fit a CPU generator): reseeded from the
+    # seed and the learner's progress, the same way on every resume, and said so
+    other = "cuda" if learner.device.type == "cpu" else "cpu"
+    foreign = {**state, "sampling_generator": {"device": other, "state": torch.zeros(16, dtype=torch.uint8)}}
+    draws = []
+    for _ in range(2):
+        resumed = OGPOLearner(config, make_policy("flow"), chain_steps=5)
+        resumed.load_learner_state(foreign)
+        draws.append(torch.randn(4, generator=resumed.sampling_generator))
+    assert torch.equal(draws[0], draws[1])
+    assert f"written on {other}" in capsys.readouterr().out
+
+
+def test_explicit_cpu_run_checkpoints_on_the_cpu_and_resumes_under_device_auto(poor_base, tmp_path, capsys):
+    from robofinetune.algos.ogpo import train
+    from robofinetune.cli import main
+    from robofinetune.config import config_from_dict
+    from robofinetune.runs import Run
+
+    base, demos = poor_base
+    runs = tmp_path / "runs"
+    assert main(_cli_args(base, demos, runs, "--device=cpu", "--total_env_steps=200", "--checkpoint_every=200",
+                          "--target_actor_tau=0.05")) == 0
+    run = Run.open(next(runs.iterdir()))
+    # loaded without map_location: every tensor comes back on the device it was saved from
+    state = torch.load(run.path / "checkpoints" / "latest" / "state.pt", weights_only=False)
+    tensors = list(_tensors(state["learner"]))
+    assert any(name.startswith("target_policy.") for name in state["learner"]["networks"])
+    assert len(tensors) > 10 and all(tensor.device.type == "cpu" for tensor in tensors)
+    assert state["learner"]["sampling_generator"]["device"] == "cpu"
+    first = json.loads((run.path / "summary.json").read_text())
+    # the same run continued with another device value (auto: the CPU here, CUDA on a GPU machine)
+    saved = run.saved_config()
+    assert saved["device"] == "cpu"
+    config = config_from_dict(OGPOConfig, {**saved, "device": "auto", "total_env_steps": 300}, "test")
+    summary = train(config, run, resume=True)
+    run.close()
+    assert "resumed at 200 env steps" in capsys.readouterr().out
+    assert summary["env_steps"] == 300 and summary["actor_rounds"] > first["actor_rounds"]
+    assert summary["critic_updates"] > first["critic_updates"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="hardware-bound: needs a CUDA device, and this machine has none (a CUDA-only test; "
+                           "the CPU tests above run the same code on the CPU)")
+def test_ogpo_updates_run_on_cuda_reproducibly_and_checkpoint_to_the_cpu():
+    config = OGPOConfig(task="pointmass", group_size=4, actor_epochs=1, actor_minibatch=10_000, num_critics=3,
+                        critic_hidden_dim=16, target_actor_tau=0.05, ratio_per_chain=True, chain_noise="tapered",
+                        chain_score_drift=True, next_action_samples=2, bc_coef=0.5, bc_batch_size=8, seed=1,
+                        device="cuda")
+
+    def updates() -> OGPOLearner:
+        torch.manual_seed(0)
+        policy = make_policy("flow").to("cuda")
+        success = SuccessBuffer(policy, capacity=100)      # windows stay numpy on the CPU, batches go to the GPU
+        success.add_episode(make_episode(20, success=True, seed=4))
+        learner = OGPOLearner(config, policy, chain_steps=5)
+        assert learner.device.type == "cuda" and learner.sampling_generator.device.type == "cuda"
+        assert all(p.is_cuda for p in [*learner.critic.parameters(), *learner.target_policy.parameters()])
+        generator = np.random.default_rng(0)
+        batch = TransitionBatch(*(torch.as_tensor(generator.uniform(-0.3, 0.3, shape), dtype=torch.float32)
+                                  for shape in [(16, 12), (16, 4), (16,), (16,), (16, 12)])).to_torch("cuda")
+        for _ in range(3):
+            critic_update(learner, batch)                                     # a' drawn on the GPU
+            ogpo_actor_update(learner, _flow_states(policy), success)        # CPU states, moved once
+        return learner
+
+    first, second = updates(), updates()
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert a.is_cuda and torch.allclose(a, b, atol=1e-6)                # same device, same seed: same run
+    assert all(value.is_cuda for state in first.critic_optimizer.state.values() for key, value in state.items()
+               if key != "step")
+    state = first.learner_state()
+    assert all(tensor.device.type == "cpu" for tensor in _tensors(state))
+    assert state["sampling_generator"]["device"] == "cuda" and "cuda_rng" in state
+    # a GPU checkpoint resumes on the CPU
+    on_cpu = OGPOLearner(OGPOConfig(**{**vars(config), "device": "cpu"}), make_policy("flow"), chain_steps=5)
+    on_cpu.load_learner_state(state)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(first.parameters(), on_cpu.parameters()))
+    critic_update(on_cpu, TransitionBatch(*(torch.zeros(shape) for shape in [(4, 12), (4, 4), (4,), (4,), (4, 12)])))

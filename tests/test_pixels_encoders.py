@@ -6,7 +6,7 @@ import torch
 
 from robofinetune.errors import TaskError
 from robofinetune.policies.encoders import (ConvEncoder, ImageEncoder, ObservationEncoder, RandomCrop, RandomShift,
-                                            ResNet18Encoder, SpatialSoftmax, crop_size)
+                                            ResNet18Encoder, SpatialSoftmax, StridedConvEncoder, crop_size)
 
 
 def images(batch, height=84, width=84, channels=3, seed=0):
@@ -21,6 +21,20 @@ def test_conv_encoder_output_shape(size):
     assert features.shape == (5, 50)
     # LayerNorm at the end: every feature vector is normalised
     assert torch.allclose(features.mean(dim=1), torch.zeros(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("size, spatial", [((84, 84), (3, 3)), ((64, 64), (2, 2)), ((43, 50), (1, 1))])
+def test_strided_conv_encoder_halves_the_image_four_times(size, spatial):
+    encoder = StridedConvEncoder(3, *size, feature_dim=32)
+    assert [m.stride for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 4
+    assert encoder.convs(torch.rand(1, 3, *size)).shape[-2:] == spatial
+    features = encoder(torch.rand(5, 3, *size))
+    assert features.shape == (5, 32) and torch.allclose(features.mean(dim=1), torch.zeros(5), atol=1e-5)
+    # far fewer weights than DrQ's encoder, whose flattened map keeps nearly full resolution
+    assert sum(p.numel() for p in encoder.parameters()) * 10 < sum(p.numel() for p in ConvEncoder(3, *size).parameters())
+    StridedConvEncoder(3, 39, 39)  # the smallest that leaves a 1x1 map
+    with pytest.raises(ValueError, match="at least 39x39"):
+        StridedConvEncoder(3, 38, 39)
 
 
 @pytest.mark.parametrize("size", [(84, 84), (76, 76), (40, 48)])
@@ -91,9 +105,9 @@ def test_random_crop_is_random_in_training_and_the_centre_in_eval():
 
 
 @pytest.mark.parametrize("augmentation", ["shift", "crop"])
-@pytest.mark.parametrize("encoder", ["conv", "resnet18"])
+@pytest.mark.parametrize("encoder", ["conv", "strided_conv", "resnet18"])
 def test_image_encoder_is_deterministic_in_eval_and_augments_in_training(encoder, augmentation):
-    size = 48 if encoder == "resnet18" else 32
+    size = {"conv": 32, "strided_conv": 52, "resnet18": 48}[encoder]
     module = ImageEncoder((size, size, 3), encoder=encoder, feature_dim=16, augmentation=augmentation)
     batch = images(4, size, size)
     module.eval()

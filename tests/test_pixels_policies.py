@@ -53,9 +53,11 @@ def test_bc_loss_trains_the_image_encoder_end_to_end(kind):
     assert not torch.equal(before, first_conv)
 
 
-@pytest.mark.parametrize("kind, encoder", [("diffusion", "conv"), ("flow", "conv"), ("diffusion", "resnet18")])
+@pytest.mark.parametrize("kind, encoder", [("diffusion", "conv"), ("flow", "conv"), ("diffusion", "resnet18"),
+                                          ("flow", "strided_conv")])
 def test_image_policy_round_trips_through_a_checkpoint(tmp_path, kind, encoder):
-    size = 48 if encoder == "resnet18" else 32  # resnet18's spatial softmax needs >= 33 px
+    # resnet18's spatial softmax needs >= 33 px, strided_conv's four stride-2 layers >= 39 px
+    size = {"conv": 32, "strided_conv": 52, "resnet18": 48}[encoder]
     policy = image_policy(kind, encoder=encoder, size=size, augmentation="crop").eval()
     obs = image_obs(size=size)
     noise = torch.randn(3, 4, 2)

@@ -33,6 +33,12 @@ def test_counters_and_due(run):
     assert hits == [False, True, True, False, True]
 
 
+def test_an_episode_aborted_by_a_dead_env_worker_is_neither_success_nor_failure(run):
+    loop = RunLoop(run, total_env_steps=10, task="pointmass", progress=False)
+    loop.record(2, [EpisodeOutcome(0, False, 5, 0.0, aborted=True), EpisodeOutcome(1, True, 4, 1.0)])
+    assert loop.env_steps == 2 and loop.episodes == 1 and loop.successes == 1 and loop.recent_success_rate == 1.0
+
+
 def test_checkpoint_restores_counters_buffers_and_caller_state_exactly(run):
     buffer = ReplayBuffer(3, 2, capacity=50, seed=1)
     rng = np.random.default_rng(0)

@@ -42,7 +42,7 @@ class BCConfig:
     sampler: str = "ddim"              # diffusion only: ddim | ddpm
     inference_steps: int = 10
     # camera observations (tasks with <camera>_image keys): robofinetune.policies.encoders
-    encoder: str = "conv"              # conv (DrQ-style, 4 layers) | resnet18 (GroupNorm, spatial softmax)
+    encoder: str = "conv"              # conv (DrQ, 4 layers) | strided_conv (LeRobot SAC, 4 stride-2) | resnet18 (GroupNorm, spatial softmax)
     image_feature_dim: int = 64        # features per camera and time step
     augmentation: str = "shift"        # shift (DrQ, +-shift_pad px) | crop (crop_fraction; centre crop at eval) | none
     shift_pad: int = 4

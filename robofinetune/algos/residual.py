@@ -12,6 +12,24 @@
 
 The update step is :func:`td3_update`; the loop is :func:`train`.
 
+Interventions (HIL-SERL; ``--intervener=scripted`` in sim, ``--teleop=keyboard|spacemouse|ros-topic`` on a
+robot; :mod:`robofinetune.rl.interventions`). While someone else drives, the executed action a_h is theirs and the
+policy's proposal is logged beside it (``policy_action``). Every replay row carries ``is_intervention``;
+intervened rows go to the online buffer and are copied into the demo buffer (RLPD's symmetric sampling then
+draws them as demos), each takeover its own n-step chain there. How the learner uses them:
+
+- critic: learns Q(x, a_h) from the executed action as it is, not clipped into the residual's reach
+  [b - action_scale, b + action_scale]: a_h is what produced the next state and reward, so a clipped action
+  would teach a transition that never happened. The critic takes full actions, so a_h is an ordinary input;
+  its TD target bootstraps with the policy's own next action, b' + r'(x'), i.e. it learns the value of
+  "take the operator's action now, then follow the policy", as for demo rows.
+- actor: by default no extra term (``intervention_bc_weight = 0``), as HIL-SERL and RLPD: interventions shape
+  the actor only through the critic, whose gradient dQ/da at b + r points toward the high values it learned
+  at a_h. With ``intervention_bc_weight = w > 0`` the actor also regresses, on intervened rows, toward the
+  residual that points at the operator: ``w * mean_batch( mask * ||(r - clip(a_h - b, +-action_scale)) /
+  action_scale||^2 / A )``; clipped because the residual cannot express more, scaled so w weighs it against
+  ``-mean Q`` (in [0, 1]).
+
 Choices, and why:
 - RL state (s, b), not an observation history: the base conditions on 2 frames and executes 4-action chunks,
   so s alone does not say what it will do next; b does. The residual only needs to know what it corrects,
@@ -59,6 +77,8 @@ class ResidualConfig:
     seed: int = 0
     total_env_steps: int = 100_000
     num_envs: int = 2                 # env processes; the learner overlaps its updates with their stepping
+    num_env_workers: int = 0          # > 0: the envs run in this many Ray actors (robofinetune/distributed); 0: local
+    ray_address: str = ""             # with num_env_workers: "" starts a local Ray, "auto" / "ray://host:port" joins one
     # residual actor. ResFiT: action_scale 0.1, exploration std 0.05, zero-initialised last layer.
     action_scale: float = 0.1
     actor_hidden_dim: int = 256
@@ -108,6 +128,19 @@ class ResidualConfig:
     gate_confidence: float = 0.95
     gate_iterations: int = 0          # FQE Bellman iterations (0: automatic, longest episode + 10)
     gate_steps_per_iteration: int = 50
+    # human-in-the-loop interventions (module docstring; rl/interventions.py). Evaluations never intervene.
+    intervener: str = "none"          # none | scripted: the task's scripted expert takes over when the policy stalls
+    teleop: str = ""                  # a robot task (--task=real_robot/<robot>.yaml): keyboard | spacemouse | ros-topic
+    stall_steps: int = 20             # scripted: no net motion of stall_distance over this many policy steps = stall
+    stall_distance: float = 0.01      # metres (end effector / point mass)
+    takeover_steps: int = 40          # scripted: the expert hands back after this many steps ...
+    handback_on_subgoal: bool = True  # ... or when it finishes a phase of its plan (a sub-goal) ...
+    min_takeover_steps: int = 10      # ... after driving at least this many steps
+    intervener_noise: float = 0.0     # scripted: operator imperfection (envs.experts noise)
+    intervention_bc_weight: float = 0.0   # actor BC toward the clipped operator residual on intervened rows (0: off)
+    # the run's training episodes (executed and proposed actions, intervention flags) as a dataset in the run
+    # folder: robomimic (episodes.hdf5) | lerobot (episodes_lerobot/) | none; "" = robomimic when intervening
+    episodes_format: str = ""
     device: str = "auto"              # the learner's (actor and critics): auto = CUDA when present, else CPU
     torch_threads: int = 1            # torch's intra-op threads for the learner (see critic_threads)
     # threads that evaluate groups of critic heads at once (rl.critic.HeadGroups); 0 = automatic: the cores
@@ -329,13 +362,29 @@ def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: b
         critic.requires_grad_(True)
         actor_loss = -sum(q_totals) / heads_times_batch
         learner.actor_optimizer.zero_grad(set_to_none=True)
-        action.backward(-sum(gradients) / heads_times_batch)        # d(actor_loss)/d(action)
+        # d(actor_loss)/d(action) enters as a linear surrogate, so the BC term can join the same backward pass
+        surrogate = (action * (-sum(gradients) / heads_times_batch)).sum()
+        if config.intervention_bc_weight > 0 and batch.is_intervention is not None:
+            bc_loss = intervention_bc_loss(residual, batch.obs[:, -action_dim:], batch.action, batch.is_intervention,
+                                           actor.action_scale)
+            surrogate = surrogate + config.intervention_bc_weight * bc_loss
+            stats["intervention_bc_loss"] = bc_loss.item()
+        surrogate.backward()
         learner.actor_optimizer.step()
         learner.actor_updates += 1
         polyak_update(learner.actor_target, actor, config.tau)
         stats.update(actor_loss=actor_loss.item(), residual=residual.abs().mean().item())
     polyak_update(learner.critic_target, learner.critic, config.tau)
     return stats
+
+
+def intervention_bc_loss(residual: torch.Tensor, base_action: torch.Tensor, executed: torch.Tensor,
+                         is_intervention: torch.Tensor, action_scale: float) -> torch.Tensor:
+    """mean over the batch of mask * ||(r - clip(a_h - b, +-scale)) / scale||^2 / A: the residual pulled toward the
+    operator's action as far as it can reach, on intervened rows only (others add 0)."""
+    target = (executed - base_action).clamp(-action_scale, action_scale)
+    per_row = ((residual - target) / action_scale).pow(2).mean(dim=1)
+    return (per_row * is_intervention.to(per_row.dtype)).mean()
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -399,7 +448,7 @@ def _seed_everything(seed: int) -> None:
 def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, Any]:
     """Learn the residual; write ``<run>/policy`` (base + residual), checkpoints, metrics, the success curve
     and ``eval.json``; return a summary with base and final success."""
-    from robofinetune.envs import load_task_spec, make_vector_env
+    from robofinetune.envs import load_task_spec
 
     if config.num_envs < 1 or config.total_env_steps < 1:
         raise ConfigError("config fields 'num_envs' and 'total_env_steps' must be >= 1")
@@ -424,9 +473,12 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     rl_obs_dim = spec.obs_dim + action_dim
 
     dataset_path, demos = load_demos(config, obs_keys)
-    offline = ReplayBuffer(rl_obs_dim, action_dim, capacity=sum(len(e) for e in demos), seed=config.seed)
-    online = ReplayBuffer(rl_obs_dim, action_dim, capacity=config.buffer_capacity or config.total_env_steps,
-                          seed=config.seed + 1)
+    intervening = config.intervener != "none" or bool(config.teleop)
+    online_capacity = config.buffer_capacity or config.total_env_steps
+    # intervened transitions are copied into the demo buffer too: room for as many as the online buffer holds
+    offline = ReplayBuffer(rl_obs_dim, action_dim, capacity=sum(len(e) for e in demos) + intervening * online_capacity,
+                           seed=config.seed)
+    online = ReplayBuffer(rl_obs_dim, action_dim, capacity=online_capacity, seed=config.seed + 1)
     loop = RunLoop(run, config.total_env_steps, config.task, eval_every=config.eval_every,
                    eval_episodes=config.eval_episodes, eval_envs=config.eval_envs, eval_seed=config.eval_seed,
                    checkpoint_every=config.checkpoint_every, progress=config.progress,
@@ -440,6 +492,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         torch.set_rng_state(state["torch_rng"])
         noise_rng.bit_generator.state = state["noise_rng"]
         online.end_streams()  # envs restart, episodes in flight at the checkpoint are over
+        offline.end_streams()  # ... and so are takeovers in flight
         print(f"resumed at {loop.env_steps} env steps ({len(online)} online transitions)")
     else:
         base.seed_sampling(config.seed)
@@ -464,8 +517,52 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     gate = training_gate(config, run, metadata["base"], dataset_path, obs_keys)
 
-    envs = make_vector_env(config.task, num_envs=config.num_envs, seed=200_000 + 1_000 * config.seed)
+    from robofinetune.rl.interventions import ScriptedInterventionConfig, make_training_envs
+    from robofinetune.rl.training_episodes import episodes_path, open_training_episodes
+
+    scripted = ScriptedInterventionConfig(stall_steps=config.stall_steps, stall_distance=config.stall_distance,
+                                          takeover_steps=config.takeover_steps,
+                                          handback_on_subgoal=config.handback_on_subgoal,
+                                          min_takeover_steps=config.min_takeover_steps,
+                                          expert_noise=config.intervener_noise)
+    if config.num_env_workers > 0:
+        from robofinetune.distributed.ray_envs import make_training_ray_envs
+
+        envs, operator = make_training_ray_envs(config.task, config.num_envs, 200_000 + 1_000 * config.seed,
+                                                config.num_env_workers, config.ray_address, config.intervener,
+                                                config.teleop), None
+    else:
+        envs, operator = make_training_envs(config.task, config.num_envs, 200_000 + 1_000 * config.seed,
+                                            config.intervener, config.teleop, scripted)
     rollout = VectorRollout(envs)
+    episodes_format = config.episodes_format or ("robomimic" if intervening else "none")
+    episodes = None
+    if episodes_format != "none":
+        robot = getattr(envs.envs[0].unwrapped, "config", None) if operator is not None else None
+        env_meta = robot.env_meta if robot is not None else {"env_name": spec.name, "task": spec.name, "env_kwargs": {}}
+        episodes = open_training_episodes(run.path, episodes_format, config.num_envs, obs_keys,
+                                          {**env_meta, "source": "train residual", "run": str(run.path)},
+                                          spec.control_freq, resume=resume,
+                                          metadata={"source": "train residual", "intervener": config.teleop or config.intervener})
+    # no success signal from the robot: the operator marks each episode, which is stored only once marked
+    marking = operator is not None and getattr(envs.envs[0].unwrapped.config, "success", None) is None
+    pending: list[tuple[np.ndarray, ...]] = []
+    takeover_streams = 1_000_000 + np.arange(config.num_envs)   # demo-buffer chains of the envs' takeovers
+
+    def store(rl_obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_rl_obs: np.ndarray,
+              terminated: np.ndarray, truncated: np.ndarray, intervened: np.ndarray,
+              env_index: np.ndarray | None = None) -> None:
+        """Online buffer: every transition. Demo buffer: the intervened ones, each takeover its own chain.
+        ``env_index``: the env of each row (default: row i is env i)."""
+        env_index = np.arange(len(reward)) if env_index is None else np.asarray(env_index)
+        online.add_transitions(rl_obs, action, reward, next_rl_obs, terminated, truncated, env_index, intervened)
+        for index in env_index[~intervened]:
+            offline.end_stream(int(takeover_streams[index]))   # a handback ends the takeover's chain
+        rows = np.flatnonzero(intervened)
+        if len(rows):
+            offline.add_transitions(rl_obs[rows], action[rows], reward[rows], next_rl_obs[rows], terminated[rows],
+                                    truncated[rows], takeover_streams[env_index[rows]], np.ones(len(rows), bool))
+
     stats_sum: dict[str, float] = {}
     stats_count = 0
     update_debt = 0.0
@@ -507,6 +604,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             updates_now = int(update_debt)
             update_debt -= updates_now
             transitions = rollout.step(action, while_waiting=lambda: run_updates(updates_now, not warming_up))
+            # an intervention replaced some envs' actions: learn from what was executed (module docstring)
+            executed, intervened = transitions.action, transitions.is_intervention
 
             # Base action in each next state. Where an episode was cut by the time limit the target bootstraps
             # from its last state, so ask the base what it would do there (on a copy: its state must not leak
@@ -522,16 +621,60 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             base_action = np.asarray(base.select_action(rollout.obs), np.float32)
             next_base_action[~done] = base_action[~done]
             next_rl_obs = np.concatenate([flatten_observation(transitions.next_obs, obs_keys), next_base_action], axis=1)
-            online.add_transitions(rl_obs, action, transitions.reward, next_rl_obs, transitions.terminated,
-                                   transitions.truncated, np.arange(config.num_envs))
+            row = (rl_obs, executed, transitions.reward.copy(), next_rl_obs, transitions.terminated.copy(),
+                   transitions.truncated.copy(), intervened)
+            if episodes is not None:
+                episodes.add(transitions.obs, executed, transitions.proposed_action, intervened, transitions.reward)
+            finished = transitions.finished
+            if marking:
+                pending.append(row)
+                if done[0]:
+                    mark = operator.take_mark()
+                    mark = operator.wait_for_mark() if mark is None else mark
+                    if mark is None:   # stopped before marking: the episode is not stored
+                        pending.clear()
+                        if episodes is not None:
+                            episodes.discard()
+                        finished = []
+                    else:
+                        last = pending[-1]
+                        last[2][0], last[4][0] = float(mark), bool(mark)   # the mark is the sparse reward
+                        for stored in pending:
+                            store(*stored)
+                        pending.clear()
+                        finished[0].success = bool(mark)
+            elif transitions.aborted is not None and transitions.aborted.any():
+                # an env worker died mid-step: its row is no transition; its replay chain ends there
+                keep = ~transitions.aborted
+                store(*(part[keep] for part in row), env_index=np.flatnonzero(keep))
+                for index in np.flatnonzero(transitions.aborted):
+                    online.end_stream(int(index))
+                    offline.end_stream(int(takeover_streams[index]))
+            else:
+                store(*row)
+            if episodes is not None:
+                for outcome in finished:
+                    index = outcome.env_index
+                    if outcome.aborted:   # its env worker died: the episode is incomplete, not written
+                        episodes.discard(index)
+                        continue
+                    episodes.finish(index, transitions.next_obs, outcome.success,
+                                    bool(transitions.terminated[index]) or (marking and outcome.success),
+                                    reward_last=float(outcome.success) if marking else None,
+                                    metadata={"env_steps": loop.env_steps + config.num_envs,
+                                              "takeovers": outcome.takeovers})
 
-            loop.record(config.num_envs, transitions.finished)
+            loop.record(config.num_envs, finished)
             window_steps += config.num_envs
             if stats_count:
                 loop.show(q=stats_sum["q"] / stats_count, closs=stats_sum["critic_loss"] / stats_count)
             if loop.due(config.log_every) and stats_count:
                 elapsed = max(time.time() - window_start, 1e-9)
                 metrics = {f"train/{key}": value / stats_count for key, value in stats_sum.items()}
+                if intervening:
+                    metrics.update({"train/intervention_rate": loop.intervention_rate,
+                                    "train/interventions_per_episode": loop.interventions_per_episode,
+                                    "train/intervened_steps": loop.intervened_steps})
                 metrics.update({"train/success_recent": loop.recent_success_rate if loop.recent_success else 0.0,
                                 "train/episodes": loop.episodes, "perf/env_steps_per_s": window_steps / elapsed,
                                 "perf/updates_per_s": timing["updates"] / max(timing["update_seconds"], 1e-9),
@@ -544,9 +687,13 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 loop.evaluate(policy)
                 if gate is not None:
                     gate.consider(policy, loop.env_steps, metadata)
-            if loop.due(config.checkpoint_every) or loop.finished:
+            stop = operator is not None and operator.stop_requested
+            if loop.due(config.checkpoint_every) or loop.finished or stop:
                 save_checkpoint()
             loop.end_step()
+            if stop:
+                print(f"stopped by the operator at {loop.env_steps} env steps")
+                break
     finally:
         loop.close()
         rollout.close()
@@ -571,6 +718,11 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
         "success_curve": str(run.path / "success_curve.png"),
         "gate_promotions": gate.promotions if gate is not None else None,
+        "intervener": config.teleop or config.intervener,
+        "operator_steps": loop.intervened_steps, "takeovers": loop.takeovers,
+        "intervention_rate_first": loop.intervention_points[0][1] if loop.intervention_points else None,
+        "intervention_rate_last": loop.intervention_rate if intervening else None,
+        "episodes_dataset": str(episodes_path(run.path, episodes_format)) if episodes is not None else None,
     }
     run.write_json("summary.json", summary)
     if base_point:

@@ -426,6 +426,8 @@ def _read_streams(bag: Path, reader: Any, robot: Any, topics: dict[str, str], op
                     if value.shape != tuple(source.shape):
                         raise BagError(f"{where}: the image is {'x'.join(map(str, value.shape))} (H x W x C), "
                                        f"but {_yaml_name(robot)} gives '{source.key}' shape {list(source.shape)}")
+                    if source.flip_rows:  # the robot YAML's row order, as RobotEnv applies it live
+                        value = np.ascontiguousarray(value[::-1])
                 else:
                     size = int(math.prod(source.shape))
                     if value.size != size:

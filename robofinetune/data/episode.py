@@ -18,6 +18,9 @@ class Episode:
     ``observations[key][t]`` is what the policy saw before ``actions[t]``; ``final_observation`` is what it
     saw after the last action, so next-observations are ``observations[1:] + final_observation``.
     ``rewards`` are the task's sparse 0/1 success reward unless the source says otherwise.
+    ``step_data`` holds any other per-step arrays, (T, ...) each, that travel with the episode through every
+    writer and reader, e.g. ``is_intervention`` (T,) bool and ``policy_action`` (T, A) of a run with human
+    interventions (``actions`` is then what was executed).
     """
 
     observations: dict[str, np.ndarray]
@@ -28,6 +31,7 @@ class Episode:
     final_observation: dict[str, np.ndarray] | None = None
     states: np.ndarray | None = None  # flattened MuJoCo states (T, S), when the source is a simulator
     metadata: dict[str, Any] = field(default_factory=dict)
+    step_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.actions = np.asarray(self.actions, dtype=np.float32)
@@ -54,6 +58,11 @@ class Episode:
         for name in ("rewards", "terminals"):
             if len(getattr(self, name)) != length:
                 raise DatasetError(f"episode field '{name}' has {len(getattr(self, name))} steps, expected {length}")
+        for key, value in self.step_data.items():
+            value = np.asarray(value)
+            if value.ndim == 0 or len(value) != length:
+                raise DatasetError(f"episode step_data '{key}' has shape {value.shape}, expected {length} steps first")
+            self.step_data[key] = value
 
     def __len__(self) -> int:
         return len(self.actions)

@@ -153,18 +153,84 @@ def convert_dataset(
     task: str | None = None,
     obs_keys: list[str] | None = None,
     format: str | None = None,
+    cameras: list[str] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Read ``src`` in any supported format and write it to ``dst`` (format from its suffix).
 
-    ``task`` matters only for a robosuite_demo source, whose observations are recovered by replaying
-    states; it is inferred from the file's env name when possible (PickPlaceCan -> can, Lift -> lift,
-    NutAssemblySquare -> square).
+    ``task`` names the robosuite_demo source's task, whose observations are recovered by replaying
+    states (inferred from the file's env name when possible: PickPlaceCan -> can, Lift -> lift,
+    NutAssemblySquare -> square). A ``task`` with cameras whose images the source lacks (``can_image`` for
+    the state demos of ``can``) renders them by replaying the recorded states
+    (:mod:`robofinetune.data.render_states`); ``cameras`` keeps only those of the task's cameras.
     """
     src, dst = Path(src), Path(dst)
     fmt = format or format_from_suffix(dst)  # fail on a bad destination before a long replay
     if src.resolve() == dst.resolve():
         raise DatasetError(f"{dst}: destination is the source file")
+    spec = _camera_task_spec(task, cameras)
+    if spec is not None and detect_format(src) != "robosuite_demo":
+        episodes, env_meta = load_dataset(src)
+        if needs_rendering := _missing_images(episodes, spec):
+            from robofinetune.data.render_states import render_episodes
+
+            bar = _progress_bar(len(episodes), f"rendering {', '.join(needs_rendering)}") if progress else None
+            episodes = render_episodes(episodes, spec.name, str(src),
+                                       progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+            if bar is not None:
+                bar.close()
+            env_meta = {**env_meta, "task": spec.name}
+        episodes = _keep_cameras(episodes, spec, cameras)
+        return save_dataset(episodes, dst, env_meta=env_meta, format=fmt)
     episodes, env_meta = load_dataset(src, obs_keys=obs_keys, task=task)
+    if spec is not None:
+        episodes = _keep_cameras(episodes, spec, cameras)
     if task and env_meta.get("task") is None:
         env_meta = {**env_meta, "task": task}
     return save_dataset(episodes, dst, env_meta=env_meta, format=fmt)
+
+
+def _camera_task_spec(task: str | None, cameras: list[str] | None):
+    """The task spec when ``task`` has cameras (None otherwise); ``cameras`` must name some of them."""
+    if task is None:
+        if cameras:
+            raise DatasetError("data convert --cameras: also pass --task, the task whose cameras to render "
+                               "(e.g. --task=can_image)")
+        return None
+    from robofinetune.envs.spec import load_task_spec
+
+    spec = load_task_spec(task)
+    names = [camera.name for camera in getattr(spec, "cameras", None) or []]
+    if cameras:
+        unknown = [name for name in cameras if name not in names]
+        if unknown:
+            raise DatasetError(f"data convert --cameras: {unknown} are not cameras of task {spec.name!r} "
+                               f"(it has {names or 'none'})")
+    return spec if names else None
+
+
+def _missing_images(episodes: list[Episode], spec) -> list[str]:
+    from robofinetune.data.render_states import needs_rendering
+
+    return needs_rendering(episodes, spec) if episodes else []
+
+
+def _keep_cameras(episodes: list[Episode], spec, cameras: list[str] | None) -> list[Episode]:
+    """Drop the image keys of the task's cameras not in ``cameras`` (all kept when ``cameras`` is empty)."""
+    if not cameras:
+        return episodes
+    from robofinetune.images import is_image_key
+
+    dropped = {f"{camera.name}_image" for camera in spec.cameras if camera.name not in cameras}
+    for episode in episodes:
+        for key in [k for k in episode.observations if k in dropped and is_image_key(k)]:
+            del episode.observations[key]
+            if episode.final_observation:
+                episode.final_observation.pop(key, None)
+    return episodes
+
+
+def _progress_bar(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="episode")

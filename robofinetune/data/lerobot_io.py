@@ -16,7 +16,10 @@ specification (``meta/info.json`` codebase_version ``v3.0``) and checked by roun
     meta/robofinetune.json                  ours: env_meta and how observation keys map to features
     data/chunk-000/file-000.parquet         many episodes per file (rolled over at data_files_size_in_mb):
                                             timestamp, frame_index, episode_index, index, task_index,
-                                            observation.state, action, next.reward, next.done, next.success
+                                            observation.state, action, next.reward, next.done, next.success,
+                                            complementary_info.<key> for each Episode.step_data key (the
+                                            naming LeRobot's HIL-SERL uses for per-frame extras such as
+                                            is_intervention)
     videos/observation.images.<cam>/chunk-000/file-NNN.mp4   camera keys ``<cam>_image``, one file per episode
 
 Observation keys: the low-dim keys are concatenated into ``observation.state`` (names ``<key>.<i>``), image keys
@@ -59,6 +62,7 @@ STATE = "observation.state"
 ACTION = "action"
 SIM_STATE = "sim_state"
 IMAGE_PREFIX = "observation.images."
+STEP_DATA_PREFIX = "complementary_info."
 DEFAULT_FEATURES = {
     "timestamp": {"dtype": "float32", "shape": [1], "names": None},
     "frame_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -357,6 +361,10 @@ def _features_for(episode: Episode, fps: float) -> tuple[dict[str, Any], list[di
     if has_states:
         features[SIM_STATE] = {"dtype": "float64", "shape": [int(np.asarray(episode.states).shape[1])], "names": None,
                                "fps": fps}
+    for key, value in episode.step_data.items():
+        value = np.asarray(value)
+        features[STEP_DATA_PREFIX + key] = {"dtype": str(value.dtype), "shape": list(value.shape[1:]) or [1],
+                                            "names": None, "fps": fps}
     for name, feature in {**EXTRA_FEATURES, **DEFAULT_FEATURES}.items():
         features[name] = {**feature, "fps": fps}
     return features, layout, has_states
@@ -394,6 +402,26 @@ def _episode_table(episode: Episode, layout: list[dict[str, Any]], features: dic
         states = np.asarray(episode.states, dtype=np.float64)
         columns[SIM_STATE] = pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1), pa.float64()),
                                                                states.shape[1])
+    for feature, spec in features.items():
+        if not feature.startswith(STEP_DATA_PREFIX):
+            continue
+        key = feature[len(STEP_DATA_PREFIX):]
+        if key not in episode.step_data:
+            raise DatasetError(f"{where}: step_data '{key}' missing (the dataset stores feature '{feature}')")
+        value = np.asarray(episode.step_data[key]).astype(spec["dtype"])
+        if (list(value.shape[1:]) or [1]) != list(spec["shape"]):
+            raise DatasetError(f"{where}: step_data '{key}' has shape {value.shape[1:]}, the dataset stores "
+                               f"{tuple(spec['shape'])}")
+        if value.ndim == 1:
+            columns[feature] = pa.array(value)
+        else:
+            flat = value.reshape(length, -1)
+            columns[feature] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    extra_keys = sorted(set(episode.step_data) - {f[len(STEP_DATA_PREFIX):] for f in features
+                                                   if f.startswith(STEP_DATA_PREFIX)})
+    if extra_keys:
+        raise DatasetError(f"{where}: step_data {extra_keys} are not features of this dataset (its first episode "
+                           f"set them)")
     success_steps = np.zeros(length, dtype=bool)
     if episode.success and length:
         success_steps[-1] = True
@@ -412,7 +440,7 @@ def _episode_stats(episode: Episode, table: Any, layout: list[dict[str, Any]]) -
     stats = {}
     for name in table.column_names:
         column = table.column(name)
-        if name in (STATE, ACTION, SIM_STATE):
+        if hasattr(column.type, "list_size"):
             width = column.type.list_size
             values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
         else:
@@ -848,9 +876,17 @@ def iter_lerobot(root: str | os.PathLike, obs_keys: list[str] | None = None) -> 
                 final_observation = {name: (np.asarray(stored_final[mapping[name]], dtype=observations[name].dtype)
                                             .reshape(observations[name].shape[1:]) if name in low_dim
                                             else observations[name][-1]) for name in mapping}
+        step_data = {}
+        for feature, spec in features.items():
+            if feature.startswith(STEP_DATA_PREFIX) and feature in rows_of.column_names:
+                shape = [int(size) for size in spec.get("shape") or [1]]
+                values = vectors(feature).astype(spec.get("dtype") or np.float32)
+                step_data[feature[len(STEP_DATA_PREFIX):]] = values.reshape(length) if shape == [1] else \
+                    values.reshape((length, *shape))
         try:
             episode = Episode(observations=observations, actions=actions, rewards=rewards, terminals=dones,
-                              success=success, final_observation=final_observation, states=states, metadata=metadata)
+                              success=success, final_observation=final_observation, states=states, metadata=metadata,
+                              step_data=step_data)
         except DatasetError as exc:
             raise DatasetError(f"{where}: {exc}") from None
         episode.validate(where)

@@ -7,6 +7,8 @@ Layout written (readable by robomimic itself)::
     data/demo_N             attrs: num_samples, success (ours), metadata (ours, JSON)
         actions (T, A)  rewards (T,)  dones (T,)  states (T, S) when known
         obs/<key> (T, ...)  next_obs/<key> (T, ...)
+        step_data/<key> (T, ...)   ours: Episode.step_data (is_intervention, policy_action of a run with
+                                   interventions); robomimic ignores it
     mask/successful, mask/failed   demo names (bytes), as robomimic filter keys
 
 robomimic's own key for the environment type is ``type`` (1 = robosuite); ``env_type`` is written with the
@@ -102,6 +104,9 @@ def demo_names(data: h5py.Group) -> list[str]:
 
 
 IMAGE_CHUNK_FRAMES = 4
+# ours: Episode.step_data, per-step arrays beside the actions (e.g. is_intervention, policy_action); robomimic's own
+# readers ignore the group
+STEP_DATA = "step_data"
 
 
 def _dataset_kwargs(array: np.ndarray) -> dict:
@@ -132,6 +137,10 @@ def _episode_arrays(episode: Episode, where: str) -> dict[str, np.ndarray]:
             raise DatasetError(f"{where}/obs/{key}: observation keys cannot contain '/'")
         arrays[f"obs/{key}"] = value
         arrays[f"next_obs/{key}"] = next_obs[key]
+    for key, value in episode.step_data.items():
+        if "/" in key:
+            raise DatasetError(f"{where}/{STEP_DATA}/{key}: step_data keys cannot contain '/'")
+        arrays[f"{STEP_DATA}/{key}"] = np.asarray(value)
     for name, value in arrays.items():
         if value.dtype == object:
             raise DatasetError(f"{where}/{name}: holds Python objects, not numbers")
@@ -145,6 +154,8 @@ def _write_demo(group: h5py.Group, episode: Episode, arrays: dict[str, np.ndarra
     if any(name.startswith("obs/") for name in arrays):
         group.create_group("obs", track_order=True)  # keep the episode's key order on reading back
         group.create_group("next_obs", track_order=True)
+    if any(name.startswith(f"{STEP_DATA}/") for name in arrays):
+        group.create_group(STEP_DATA, track_order=True)
     for name, value in arrays.items():
         group.create_dataset(name, data=value, **_dataset_kwargs(value))
 
@@ -380,6 +391,14 @@ def _read_episode(
                 except (OSError, ValueError) as exc:
                     raise DatasetError(f"{where}/next_obs/{stored}: unreadable: {exc}") from None
 
+    step_data: dict[str, np.ndarray] = {}
+    if STEP_DATA in group:
+        for key in group[STEP_DATA].keys():
+            value = _read(group[STEP_DATA][key], f"{where}/{STEP_DATA}/{key}")
+            if len(value) != length:
+                raise DatasetError(f"{where}/{STEP_DATA}/{key}: {len(value)} steps but actions has {length}")
+            step_data[key] = value
+
     metadata: dict[str, Any] = {}
     if "metadata" in group.attrs:
         metadata = loads(group.attrs["metadata"], f"{where}.attrs['metadata']")
@@ -405,6 +424,7 @@ def _read_episode(
             final_observation=final_observation,
             states=states,
             metadata=metadata,
+            step_data=step_data,
         )
     except DatasetError as exc:
         raise DatasetError(f"{where}: {exc}") from None

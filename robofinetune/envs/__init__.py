@@ -76,7 +76,8 @@ def make_env(task: str | Path | TaskSpec, seed: int | None = None, render: bool 
 
 
 def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, asynchronous: bool = True,
-                    render: bool = False, context: str | None = None,
+                    render: bool = False, context: str | None = None, backend: str = "subprocess",
+                    num_workers: int = 0, ray_address: str | None = None,
                     **overrides: Any) -> gymnasium.vector.VectorEnv:
     """``num_envs`` copies of ``make_env(task)``, env ``i`` seeded with ``seed + i``.
 
@@ -95,14 +96,28 @@ def make_vector_env(task: str | Path | TaskSpec, num_envs: int, seed: int = 0, a
     success from ``terminated[i]`` (our envs terminate exactly on success) or from
     ``info["final_info"]["is_success"][i]``. Every step is therefore a valid transition and no action
     is wasted on a reset step, unlike gymnasium's default NEXT_STEP mode.
+
+    ``backend="ray"``: the envs live in ``num_workers`` Ray actors (default one per env) instead of local
+    processes, with the same seeds, observations and autoreset (``robofinetune.distributed.RayVectorEnv``, which
+    also says how a killed worker's episodes are reported); ``ray_address`` None starts a local Ray, "auto" or
+    "ray://host:port" joins a cluster.
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if backend not in ("subprocess", "ray"):
+        raise ValueError(f"backend must be 'subprocess' or 'ray', got {backend!r}")
     source = task_source_for(task)
     if source is not None and source.single_env:  # one robot: one env, driven from this process
+        if backend == "ray":
+            raise TaskError(f"task {task}: a robot task runs its one env in this process, not in Ray env workers")
         return gymnasium.vector.SyncVectorEnv([functools.partial(make_env, task, seed=seed, **overrides)],
                                               autoreset_mode=AUTORESET_MODE)
     spec = load_task_spec(task)
+    if backend == "ray":
+        from robofinetune.distributed.ray_envs import RayVectorEnv
+
+        return RayVectorEnv(spec, num_envs, seed=seed, num_workers=num_workers or num_envs, render=render,
+                            overrides=overrides, ray_address=ray_address)
     if asynchronous and num_envs > 1:
         if context is None and (render or spec.cameras) and sys.platform.startswith("linux"):
             context = "forkserver"  # camera observations render in the workers too

@@ -93,6 +93,11 @@ class _StyledExpert:
             return obs
         return {**source(), **obs}
 
+    def take_over(self, env: gymnasium.Env, obs: dict[str, np.ndarray]) -> None:
+        """Start driving in the middle of an episode (an intervention, ``rl.interventions``): like ``reset``, and
+        experts with phases pick the phase that fits the current state."""
+        self.reset(env)
+
     def _new_episode(self) -> None:
         self.style = sample_style(self.rng, self.noise)
         self._pause_left = 0
@@ -258,6 +263,13 @@ class _PickExpert(_WaypointExpert):
         gap = float(obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1])
         near = np.linalg.norm(self._hold_point(obs) - eef) < 0.05
         return near and gap > self.HOLD_GAP
+
+    def take_over(self, env: gymnasium.Env, obs: dict[str, np.ndarray]) -> None:
+        """Mid-episode start: with the object already in the hand carry on from the lift, else approach it."""
+        self.reset(env)
+        if self._holding(self._full_observation(obs)):
+            self._target_rot = Rotation.from_quat(self._full_observation(obs)["robot0_eef_quat"])
+            self._set_phase("lift")
 
     def _yaw_error(self, object_yaw: float, gripper_yaw: float) -> float:
         """Yaw turn that lines the fingers up with the object (a cube: any face, modulo a quarter turn)."""

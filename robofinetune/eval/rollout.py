@@ -72,6 +72,10 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 100, num_envs: in
             obs, _, terminated, truncated, info = envs.step(actions)
             lengths += 1
             for index in np.flatnonzero(terminated | truncated):
+                if _aborted(info, index):   # its Ray env worker was killed: no outcome, the env's quota runs on
+                    lengths[index] = 0
+                    policy.reset(int(index))
+                    continue
                 success = bool(_final_success(info, index))
                 if done_counts[index] < quotas[index]:
                     results.append((success, int(lengths[index])))
@@ -103,6 +107,13 @@ def _final_success(info: dict[str, Any], index: int) -> bool:
     if "final_info" in info and "is_success" in info["final_info"]:
         return bool(info["final_info"]["is_success"][index])
     return bool(info["is_success"][index])
+
+
+def _aborted(info: dict[str, Any], index: int) -> bool:
+    """Whether the episode that just ended in env ``index`` was cut by a killed env worker
+    (``robofinetune.distributed.RayVectorEnv``) rather than finished."""
+    final_info = info.get("final_info")
+    return isinstance(final_info, dict) and "aborted" in final_info and bool(final_info["aborted"][index])
 
 
 def record_videos(policy: Policy, task: str, folder: Path, episodes: int, seed: int = 100_000, fps: int = 20,

@@ -5,6 +5,11 @@ time, so both image backbones are written here and train from scratch, end to en
 
 * ``conv``: DrQ / LeRobot SAC's encoder: four 3x3 convolutions of 32 channels (the first with stride 2), ReLU,
   flatten, a linear layer to ``feature_dim``, LayerNorm. Cheap; the CPU default.
+* ``strided_conv``: LeRobot SAC's default image encoder: four convolutions of 32 channels, kernels 7, 5, 3, 3,
+  all with stride 2, ReLU, then the same linear layer and LayerNorm. At 84x84 it costs ~16 M multiply-adds an
+  image against ~40 M for ``conv`` (which keeps full resolution after its first layer) and has 40x fewer weights
+  (its flattened map is 3x3 instead of 35x35); measured on the 2-core CPU, forward and backward of 128 images,
+  ~2.7x faster. The choice for image BC and RL on a CPU.
 * ``resnet18``: ResNet-18 with every BatchNorm replaced by GroupNorm (16 channels a group) and global pooling
   replaced by a spatial softmax over 32 keypoints, then a linear layer to ``feature_dim`` (robomimic's
   VisualCore, Diffusion Policy's image encoder). BatchNorm is avoided because EMA weights and small batches make
@@ -35,7 +40,7 @@ from robofinetune.images import image_keys as select_image_keys
 from robofinetune.images import state_keys as select_state_keys
 from robofinetune.policies.normalizer import MinMaxNormalizer
 
-ENCODERS = ("conv", "resnet18")
+ENCODERS = ("conv", "strided_conv", "resnet18")
 AUGMENTATIONS = ("shift", "crop", "none")
 
 
@@ -140,6 +145,27 @@ class ConvEncoder(nn.Module):
         return self.projection(self.convs(images).flatten(1))
 
 
+class StridedConvEncoder(nn.Module):
+    """LeRobot SAC's encoder: four stride-2 convolutions (kernels 7, 5, 3, 3) of 32 channels, linear, LayerNorm."""
+
+    def __init__(self, channels: int, height: int, width: int, feature_dim: int = 64, width_channels: int = 32) -> None:
+        super().__init__()
+        layers, in_channels, out_h, out_w = [], channels, height, width
+        for kernel in (7, 5, 3, 3):
+            layers += [nn.Conv2d(in_channels, width_channels, kernel, stride=2), nn.ReLU()]
+            in_channels = width_channels
+            out_h, out_w = (out_h - kernel) // 2 + 1, (out_w - kernel) // 2 + 1
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"strided_conv encoder needs images of at least 39x39 pixels (after cropping), got "
+                             f"{height}x{width}; use encoder 'conv' for smaller images")
+        self.convs = nn.Sequential(*layers)
+        self.projection = nn.Sequential(nn.Linear(width_channels * out_h * out_w, feature_dim),
+                                        nn.LayerNorm(feature_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.convs(images).flatten(1))
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, channels // 16), channels)  # Diffusion Policy's replace_bn_with_gn
 
@@ -210,6 +236,8 @@ class ResNet18Encoder(nn.Module):
 def build_backbone(kind: str, channels: int, height: int, width: int, feature_dim: int) -> nn.Module:
     if kind == "conv":
         return ConvEncoder(channels, height, width, feature_dim)
+    if kind == "strided_conv":
+        return StridedConvEncoder(channels, height, width, feature_dim)
     if kind == "resnet18":
         return ResNet18Encoder(channels, height, width, feature_dim)
     raise ValueError(f"unknown image encoder '{kind}': choose one of {list(ENCODERS)}")

@@ -7,6 +7,9 @@ still be available for n-step sampling at once. The chain stops at an episode's 
 the bootstrap discount is 0; at a *truncated* step (time limit) the return bootstraps from that step's
 ``next_obs`` with gamma^k. A chain whose next row has not been added yet gives a shorter return that
 bootstraps from the last row available, which is an equally valid target.
+
+Each row also carries ``is_intervention``: its action was an operator's (or a scripted intervener's) takeover
+rather than the policy's (HIL-SERL). Buffers saved before the field existed load with it False everywhere.
 """
 
 from __future__ import annotations
@@ -39,13 +42,21 @@ class TransitionBatch:
     reward: Any
     discount: Any
     next_obs: Any
+    is_intervention: Any = None       # (B,) bool: the row's action was a takeover's; None when not tracked
 
     def to_torch(self, device: str | torch.device = "cpu") -> "TransitionBatch":
-        return TransitionBatch(*(torch.as_tensor(getattr(self, f.name), device=device) for f in fields(self)))
+        return TransitionBatch(*(None if getattr(self, f.name) is None else
+                                 torch.as_tensor(getattr(self, f.name), device=device) for f in fields(self)))
 
     @staticmethod
     def concatenate(batches: list["TransitionBatch"]) -> "TransitionBatch":
-        return TransitionBatch(*(np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(TransitionBatch)))
+        def joined(name: str) -> Any:
+            parts = [getattr(b, name) for b in batches]
+            if any(part is None for part in parts):
+                return None
+            return np.concatenate(parts)
+
+        return TransitionBatch(*(joined(f.name) for f in fields(TransitionBatch)))
 
     def __len__(self) -> int:
         return len(self.reward)
@@ -59,7 +70,9 @@ class ReplayBuffer:
     ``state_dict()`` / ``load_state_dict()`` (and ``save`` / ``load``) restore it exactly, sampler state included.
     """
 
-    _ARRAYS = ("obs", "action", "reward", "next_obs", "terminated", "next_index", "serial")
+    _ARRAYS = ("obs", "action", "reward", "next_obs", "terminated", "next_index", "serial", "is_intervention")
+    # arrays a buffer saved by an older version may lack, and the value they take then
+    _OPTIONAL_ARRAYS = {"is_intervention": False}
 
     def __init__(self, obs_dim: int, action_dim: int, capacity: int, seed: int = 0) -> None:
         if capacity < 1:
@@ -72,6 +85,7 @@ class ReplayBuffer:
         self.terminated = np.zeros(capacity, bool)
         self.next_index = np.full(capacity, -1, np.int64)
         self.serial = np.full(capacity, -1, np.int64)  # insertion number of the row held in each slot
+        self.is_intervention = np.zeros(capacity, bool)
         self.added = 0          # transitions ever added (the next row's serial)
         self.size = 0
         # stream id -> serial of its last row, while that stream's episode is still running
@@ -84,9 +98,11 @@ class ReplayBuffer:
 
     # --- adding -------------------------------------------------------------------------------------------
     def add_transitions(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
-                        terminated: np.ndarray, truncated: np.ndarray, streams: np.ndarray | list[int]) -> np.ndarray:
+                        terminated: np.ndarray, truncated: np.ndarray, streams: np.ndarray | list[int],
+                        is_intervention: np.ndarray | None = None) -> np.ndarray:
         """Append rows in order; row i continues the episode last added for ``streams[i]`` unless that one
-        ended (terminated or truncated). Returns the slots written."""
+        ended (terminated or truncated). ``is_intervention`` (default all False) flags takeover actions.
+        Returns the slots written."""
         obs = np.asarray(obs, np.float32).reshape(-1, self.obs_dim)
         rows = len(obs)
         action = np.asarray(action, np.float32).reshape(rows, self.action_dim)
@@ -95,10 +111,12 @@ class ReplayBuffer:
         terminated = np.asarray(terminated, bool).reshape(rows)
         truncated = np.asarray(truncated, bool).reshape(rows)
         streams = np.asarray(streams, np.int64).reshape(rows)
+        intervened = np.zeros(rows, bool) if is_intervention is None else np.asarray(is_intervention, bool).reshape(rows)
         serials = self.added + np.arange(rows)
         slots = serials % self.capacity
         self.obs[slots], self.action[slots], self.reward[slots] = obs, action, reward
         self.next_obs[slots], self.terminated[slots] = next_obs, terminated
+        self.is_intervention[slots] = intervened
         self.next_index[slots] = -1
         self.serial[slots] = serials
         for row in range(rows):
@@ -119,10 +137,16 @@ class ReplayBuffer:
         """Forget running episodes (after a resume, envs restart): later rows start new chains."""
         self._open_streams.clear()
 
+    def end_stream(self, stream: int) -> None:
+        """End ``stream``'s chain here: its next row starts a new one (the end of a takeover copied into the demo
+        buffer, whose next steps the policy drove and which that buffer does not hold)."""
+        self._open_streams.pop(int(stream), None)
+
     def add_episode(self, episode: Episode, obs_keys: list[str], extra: np.ndarray | None = None) -> np.ndarray:
         """Append a whole episode. ``extra`` (T + 1, E) are per-state features appended to the flat
         observations (row t to observation t, row T to the final observation), e.g. the action a frozen base
-        policy proposes in each state for residual RL. The episode's end stops its chain."""
+        policy proposes in each state for residual RL. The episode's end stops its chain. Its
+        ``step_data['is_intervention']``, when present (a dataset written by a run with interventions), flags rows."""
         length = len(episode)
         if length == 0:
             return np.zeros(0, np.int64)
@@ -142,7 +166,7 @@ class ReplayBuffer:
         stream = self._next_episode_stream
         self._next_episode_stream -= 1
         return self.add_transitions(obs, episode.actions, episode.rewards, next_obs, episode.terminals, truncated,
-                                    np.full(length, stream))
+                                    np.full(length, stream), episode.step_data.get("is_intervention"))
 
     # --- sampling -------------------------------------------------------------------------------------------
     def sample(self, batch_size: int, n_step: int = 1, gamma: float = 0.99) -> TransitionBatch:
@@ -173,7 +197,8 @@ class ReplayBuffer:
             ended = self.terminated[rows]
             discount[running] = np.where(ended, 0.0, discount[running] * gamma)
             running[running] = ~ended
-        return TransitionBatch(self.obs[slots], self.action[slots], reward, discount, self.next_obs[last])
+        return TransitionBatch(self.obs[slots], self.action[slots], reward, discount, self.next_obs[last],
+                               self.is_intervention[slots])
 
     # --- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -195,7 +220,8 @@ class ReplayBuffer:
                              f"{self.action_dim}, {self.capacity} (config field 'buffer_capacity')")
         self.size, self.added = int(state["size"]), int(state["added"])
         for name in self._ARRAYS:
-            getattr(self, name)[: self.size] = state[name]
+            # a buffer saved before an optional array existed: every row takes its default (no interventions)
+            getattr(self, name)[: self.size] = state[name] if name in state else self._OPTIONAL_ARRAYS[name]
         self._open_streams = {int(k): int(v) for k, v in dict(state["open_streams"]).items()}
         self._next_episode_stream = int(state["next_episode_stream"])
         self.rng = np.random.default_rng()
@@ -222,7 +248,7 @@ class ReplayBuffer:
         try:
             with np.load(path, allow_pickle=False) as data:
                 state = json.loads(str(data["meta"]))
-                state.update({name: data[name] for name in self._ARRAYS})
+                state.update({name: data[name] for name in self._ARRAYS if name in data.files})
         except Exception as error:  # noqa: BLE001 - numpy/zipfile raise BadZipFile, EOFError, OSError, ValueError...
             raise CheckpointError(f"{path}: unreadable replay buffer, truncated or corrupt "
                                   f"({type(error).__name__}: {error})") from error

@@ -13,6 +13,10 @@ include the replay buffers so ``--resume`` continues exactly where the last chec
         if loop.due(checkpoint_every): loop.save_checkpoint(my_state, {"online": online})
         loop.end_step()
     loop.close()
+
+Episodes whose outcomes count intervened steps (``rl.interventions``) feed the intervention metrics: the rate
+(intervened steps / episode steps) and takeovers per episode over the last ``success_window`` episodes, in the
+progress bar and in ``intervention_curve.png`` beside the success curve once any episode was intervened.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ class RunLoop:
         self.eval_points: list[dict[str, Any]] = []    # every periodic evaluation
         # (env steps, success rate of the recent training episodes, episodes so far), at each episode end
         self.train_points: list[tuple[int, float, int]] = []
+        # interventions: (intervened steps, steps, takeovers) of the recent episodes; totals; and at each episode
+        # end (env steps, recent intervention rate, recent takeovers per episode, episodes so far)
+        self.recent_interventions: deque[tuple[int, int, int]] = deque(maxlen=success_window)
+        self.intervened_steps = 0
+        self.takeovers = 0
+        self.intervention_points: list[tuple[int, float, float, int]] = []
         self.seconds = 0.0                               # training wall time accumulated over resumes
         self._previous_steps = 0
         self._started_at: float | None = None
@@ -66,6 +76,19 @@ class RunLoop:
     def recent_success_rate(self) -> float:
         return float(np.mean(self.recent_success)) if self.recent_success else float("nan")
 
+    @property
+    def intervention_rate(self) -> float:
+        """Intervened steps / steps over the recent episodes (0 before any episode finished)."""
+        steps = sum(length for _, length, _ in self.recent_interventions)
+        return sum(intervened for intervened, _, _ in self.recent_interventions) / steps if steps else 0.0
+
+    @property
+    def interventions_per_episode(self) -> float:
+        """Takeovers per episode over the recent episodes."""
+        if not self.recent_interventions:
+            return 0.0
+        return float(np.mean([takeovers for _, _, takeovers in self.recent_interventions]))
+
     def start(self) -> None:
         self._started_at = time.time()
         self._previous_steps = self.env_steps
@@ -73,14 +96,23 @@ class RunLoop:
                          disable=not self.progress, dynamic_ncols=True)
 
     def record(self, env_steps: int, outcomes: list[Any] = ()) -> None:
-        """Count ``env_steps`` new env steps and the episodes (``EpisodeOutcome``) that finished in them."""
+        """Count ``env_steps`` new env steps and the episodes (``EpisodeOutcome``) that finished in them;
+        episodes cut by a crashed env worker (``aborted``) are neither successes nor failures: not counted."""
         self.env_steps += int(env_steps)
+        outcomes = [outcome for outcome in outcomes if not getattr(outcome, "aborted", False)]
         for outcome in outcomes:
             self.episodes += 1
             self.successes += int(outcome.success)
             self.recent_success.append(bool(outcome.success))
+            intervened, takeovers = int(getattr(outcome, "intervened_steps", 0)), int(getattr(outcome, "takeovers", 0))
+            self.recent_interventions.append((intervened, int(outcome.length), takeovers))
+            self.intervened_steps += intervened
+            self.takeovers += takeovers
         if outcomes:
             self.train_points.append((self.env_steps, self.recent_success_rate, self.episodes))
+            if self.intervened_steps:
+                self.intervention_points.append((self.env_steps, self.intervention_rate,
+                                                 self.interventions_per_episode, self.episodes))
         if self._bar is not None:
             self._bar.update(int(env_steps))
 
@@ -96,6 +128,8 @@ class RunLoop:
         if self._bar is None:
             return
         postfix = {"ep": self.episodes, "succ": f"{self.recent_success_rate:.0%}" if self.recent_success else "-"}
+        if self.intervened_steps:
+            postfix.update({"int": f"{self.intervention_rate:.0%}", "int/ep": f"{self.interventions_per_episode:.2g}"})
         postfix.update({key: f"{value:.3g}" for key, value in stats.items()})
         self._bar.set_postfix(postfix, refresh=False)
 
@@ -176,13 +210,47 @@ class RunLoop:
         path = self.run.path / name
         figure.savefig(path, dpi=100)
         plt.close(figure)
+        if self.intervention_points:
+            self.write_intervention_curve()
+        return path
+
+    def write_intervention_curve(self, name: str = "intervention_curve.png") -> Path:
+        """Intervention rate and takeovers per episode (recent training episodes) against env steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, rate_axes = plt.subplots(figsize=(7, 4))
+        steps = [point[0] for point in self.intervention_points]
+        rate_axes.plot(steps, [point[1] for point in self.intervention_points], color="tab:orange",
+                       label=f"intervention rate (intervened / steps, last {self.recent_interventions.maxlen} episodes)")
+        rate_axes.set_xlabel("env steps")
+        rate_axes.set_ylabel("intervention rate")
+        rate_axes.set_ylim(-0.02, 1.02)
+        count_axes = rate_axes.twinx()
+        count_axes.plot(steps, [point[2] for point in self.intervention_points], color="tab:gray", linestyle="--",
+                        label="takeovers per episode")
+        count_axes.set_ylabel("takeovers per episode")
+        count_axes.set_ylim(bottom=0)
+        rate_axes.set_title(f"{self.run.path.name}: {self.intervened_steps} intervened steps in {self.episodes} episodes")
+        rate_axes.grid(alpha=0.3)
+        lines = rate_axes.get_legend_handles_labels()[0] + count_axes.get_legend_handles_labels()[0]
+        labels = rate_axes.get_legend_handles_labels()[1] + count_axes.get_legend_handles_labels()[1]
+        rate_axes.legend(lines, labels, loc="upper right", fontsize=8)
+        figure.tight_layout()
+        path = self.run.path / name
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
         return path
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps, "episodes": self.episodes, "successes": self.successes,
                 "recent_success": list(self.recent_success), "eval_points": self.eval_points,
-                "train_points": self.train_points, "seconds": self.elapsed()}
+                "train_points": self.train_points, "seconds": self.elapsed(),
+                "recent_interventions": list(self.recent_interventions), "intervened_steps": self.intervened_steps,
+                "takeovers": self.takeovers, "intervention_points": self.intervention_points}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.env_steps, self.episodes, self.successes = state["env_steps"], state["episodes"], state["successes"]
@@ -191,6 +259,12 @@ class RunLoop:
         self.eval_points = list(state["eval_points"])
         self.train_points = [tuple(point) for point in state["train_points"]]
         self.seconds = float(state["seconds"])
+        # checkpoints from before interventions existed: none happened
+        self.recent_interventions.clear()
+        self.recent_interventions.extend(tuple(item) for item in state.get("recent_interventions", []))
+        self.intervened_steps = int(state.get("intervened_steps", 0))
+        self.takeovers = int(state.get("takeovers", 0))
+        self.intervention_points = [tuple(point) for point in state.get("intervention_points", [])]
         self._previous_steps = self.env_steps
 
     def save_checkpoint(self, state: dict[str, Any], buffers: dict[str, ReplayBuffer]) -> Path:

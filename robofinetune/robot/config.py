@@ -41,7 +41,8 @@ class ObservationSource:
     shape: tuple[int, ...]
     joints: list[str] | None = None
     index: list[int] | None = None
-    encoding: str = "rgb8"  # images only: what the twin publishes
+    encoding: str = "rgb8"  # images only: what the camera (or the twin) publishes; anything else is refused
+    flip_rows: bool = False  # images only: reverse the row order (ROS top-first <-> robosuite's bottom-up)
 
     @property
     def is_image(self) -> bool:
@@ -301,8 +302,16 @@ def _observation_source(key: str, reader: _Reader, shape: tuple[int, ...] | None
         raise reader.error("joints", f"only applies to {JOINT_STATE}")
     index = reader.ints("index")
     encoding = reader.string("encoding", "rgb8", choices=tuple(IMAGE_CHANNELS))
+    flip_rows = reader.boolean("flip_rows", False)
+    if msg_type != IMAGE:
+        for name in ("encoding", "flip_rows"):
+            if reader.has(name):
+                raise reader.error(name, f"only applies to {IMAGE}")
+    elif index is not None:
+        raise reader.error("index", f"does not apply to {IMAGE} (an image key takes the whole frame)")
     source = ObservationSource(key=key, topic=reader.string("topic", required=True), type=msg_type,
-                               field=field_name, shape=tuple(shape), joints=joints, index=index, encoding=encoding)
+                               field=field_name, shape=tuple(shape), joints=joints, index=index, encoding=encoding,
+                               flip_rows=flip_rows)
     if msg_type == IMAGE:
         if len(shape) != 3 or shape[2] != IMAGE_CHANNELS[encoding]:
             raise reader.error("type", f"an Image key needs shape (H, W, {IMAGE_CHANNELS[encoding]}), got {shape}")
@@ -422,6 +431,9 @@ def load_robot_config(path: str | Path, overrides: dict[str, Any] | None = None)
             raise RobotConfigError(f"{where}: field 'observations' lacks '{key}', which task '{task.name}' needs "
                                    f"(task keys: {task.obs_keys})")
         observations[key] = _observation_source(key, obs_reader.section(key), shape)
+        if key in task.image_keys and observations[key].type != IMAGE:
+            raise obs_reader.section(key).error("type", f"must be {IMAGE}: '{key}' is a camera image of task "
+                                                        f"'{task.name}' (shape {list(shape)})")
     extra_in_obs = sorted(set(obs_reader.values) - set(task.obs_shapes))
     if extra_in_obs:
         raise RobotConfigError(f"{where}: field 'observations' has keys {extra_in_obs} that task '{task.name}' does "

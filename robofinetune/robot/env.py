@@ -17,7 +17,13 @@ next observation is awaited according to ``sync``:
 ``info`` carries ``is_success``, ``action_sent`` (what the robot got, None when it was held), ``interventions``
 (kinds, this step), ``latency`` (seconds from receipt of the observation the action was computed from to the
 command's publication), ``late`` (seconds past the tick), ``estop``, ``aborted``. ``episode_summary()`` gives
-the episode's interventions, latencies and rate.
+the episode's interventions, latencies and rate. Receipt is stamped by the transport before the message is
+converted and decoded, so ``latency`` includes image decoding.
+
+Camera topics (``sensor_msgs/Image``) give uint8 H x W x C observation keys, checked against the robot YAML by
+:func:`~robofinetune.robot.messages.decode_camera_image` (size, encoding, channels, row order). A refused message
+counts as no message: the watchdog holds the robot as for any stale topic, ``reset`` fails at once naming the
+topic and the key, and an aborted step says why in ``info["aborted"]``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from gymnasium import spaces
 from robofinetune.envs.base import action_space, observation_space
 from robofinetune.robot.config import RobotConfig, load_robot_config
 from robofinetune.robot.errors import EStopError, RobotConnectionError, RobotError
-from robofinetune.robot.messages import BOOL, STRING, MessageError, decode_field, encode_command
+from robofinetune.robot.messages import (BOOL, STRING, MessageError, decode_camera_image, decode_field,
+                                         encode_command)
 from robofinetune.robot.safety import (ESTOP, STALE_HOLD, Intervention, InterventionLog, RateLoop,
                                        SafetyLayer, Watchdog)
 from robofinetune.robot.transport import Transport, make_transport
@@ -57,7 +64,8 @@ class _ObservationCache:
         self.values: dict[str, np.ndarray] = {}
         self.topic_time: dict[str, float] = {}
         self.topic_count: dict[str, int] = {}
-        self.bad_messages: dict[str, str] = {}
+        self.bad_messages: dict[str, str] = {}    # topic -> why its newest refused message was refused
+        self.bad_time: dict[str, float] = {}      # topic -> receipt time of that message
         self.bad_count = 0
 
 
@@ -135,20 +143,28 @@ class RobotEnv(gymnasium.Env):
         cache = self._cache
 
         def receive(message: dict[str, Any], received: float) -> None:
+            # runs after the transport stamped `received`, so the step latency (receipt -> command) includes it
             decoded = {}
             try:
                 for source in sources:
+                    if source.is_image:
+                        decoded[source.key] = decode_camera_image(message, topic, source.key, source.shape,
+                                                                  source.encoding, source.flip_rows)
+                        continue
                     value = decode_field(msg_type, message, source.field, source.joints, source.index,
                                          where=f"topic {topic} -> observation '{source.key}'")
                     if value.size != int(np.prod(source.shape)):
                         raise MessageError(f"topic {topic} -> observation '{source.key}': {value.size} values, "
                                            f"expected shape {source.shape}")
-                    dtype = np.uint8 if source.is_image else np.float32
-                    decoded[source.key] = value.reshape(source.shape).astype(dtype, copy=False)
+                    decoded[source.key] = value.reshape(source.shape).astype(np.float32, copy=False)
             except MessageError as exc:
+                # refused: the topic stays as stale as if nothing had arrived (the watchdog holds the robot);
+                # the reason is kept for reset's and the abort's error message
                 with cache.cond:
                     cache.bad_count += 1
                     cache.bad_messages[topic] = str(exc)
+                    cache.bad_time[topic] = received
+                    cache.cond.notify_all()
                 return
             with cache.cond:
                 cache.values.update(decoded)
@@ -252,6 +268,12 @@ class RobotEnv(gymnasium.Env):
         """Sync topics without a message received after ``since`` (call with the cache lock held)."""
         return [topic for topic in self._sync_topics if self._cache.topic_time.get(topic, -1.0) <= since]
 
+    def _refusals(self, topics: list[str], since: float) -> dict[str, str]:
+        """Why the newest message of each of ``topics`` received after ``since`` was refused (topics with one)."""
+        with self._cache.cond:
+            return {topic: self._cache.bad_messages[topic] for topic in topics
+                    if self._cache.bad_time.get(topic, -1.0) > since}
+
     def _fresh_since_counts(self, counts: dict[str, int]) -> list[str]:
         return [topic for topic in self._sync_topics if self._cache.topic_count.get(topic, 0) <= counts.get(topic, 0)]
 
@@ -307,12 +329,18 @@ class RobotEnv(gymnasium.Env):
             missing = self._wait(lambda: self._fresh_since_time(fresh_after), 1.0, stop_on_estop=False)
             if not missing or time.monotonic() > deadline:
                 break
+            refused = self._refusals(missing, fresh_after)
+            if refused:
+                # a topic that delivers only messages we refuse (a camera of another size or encoding) will not
+                # mend itself: say so now instead of after the reset timeout
+                raise RobotError(f"robot '{self.config.name}': no usable observations on {list(refused)} after "
+                                 f"reset; refused: {'; '.join(refused.values())}")
             if mode == "topic":
                 # a message published while our subscriber was still connecting is lost: ask again (the same
                 # request id makes the robot republish its state without resetting twice)
                 self._reset_pub.publish({"data": reply["_request"]})
         if missing:
-            bad = {t: self._cache.bad_messages[t] for t in missing if t in self._cache.bad_messages}
+            bad = self._refusals(missing, -1.0)
             raise RobotConnectionError(
                 f"robot '{self.config.name}': no observations on {missing} within {self.config.reset.timeout:g} s "
                 f"after reset" + (f"; undecodable messages: {bad}" if bad else ""))
@@ -423,6 +451,9 @@ class RobotEnv(gymnasium.Env):
                 return self._finish_aborted(obs_seen, info, estop=True)
             if missing:
                 info["aborted"] = f"no fresh observations on {missing} for {self.config.safety.abort_after:g} s"
+                refused = self._refusals(missing, self._episode_start)
+                if refused:
+                    info["aborted"] += f"; refused: {'; '.join(refused.values())}"
                 return self._finish_aborted(obs_seen, info)
             info["stale_recovered"] = True
 
@@ -468,6 +499,7 @@ class RobotEnv(gymnasium.Env):
             "overruns": len(self.overrun_events), "overrun_events": self.overrun_events[:100],
             "stale_spells": [dict(spell) for spell in self.stale_spells],
             "bad_messages": self._cache.bad_count,
+            "refused": self._refusals(list(self._topics), self._episode_start),   # topic -> why (this episode)
         }
 
     @property

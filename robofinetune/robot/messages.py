@@ -147,6 +147,50 @@ def decode_image(message: dict[str, Any], where: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def decode_camera_image(message: dict[str, Any], topic: str, key: str, shape: tuple[int, ...],
+                        encoding: str = "rgb8", flip_rows: bool = False) -> np.ndarray:
+    """One camera frame for observation ``key``, checked against what the robot YAML says ``topic`` carries.
+
+    The message must have exactly the YAML's ``encoding`` (a driver switched from rgb8 to bgr8, or to a depth
+    or Bayer format, would otherwise feed the policy swapped or meaningless colours), ``shape`` = (H, W, C) and
+    ``step * height`` bytes; anything else raises :class:`MessageError` naming the topic and the key. Returns an
+    H x W x C uint8 array. Rows stay in the order sent, unless ``flip_rows``: ROS cameras send the top row first,
+    robosuite (and robomimic datasets) keep OpenGL's bottom-up order, so a policy trained on robosuite images
+    needs ``flip_rows`` on a real camera (:func:`encode_camera_image` is the inverse, used by the twin).
+    """
+    where = f"topic {topic} -> observation '{key}'"
+    height, width, channels = (int(n) for n in shape)
+    given = str(message.get("encoding", ""))
+    given_channels = IMAGE_CHANNELS.get(given.lower())
+    if given_channels is None:
+        raise MessageError(f"{where}: unsupported image encoding '{given}' (supported: {sorted(IMAGE_CHANNELS)}); "
+                           f"the robot YAML expects {encoding}")
+    if given_channels != channels:
+        raise MessageError(f"{where}: a {given_channels}-channel image (encoding {given}), but '{key}' has "
+                           f"{channels} channels (encoding {encoding} in the robot YAML)")
+    if given.lower() != encoding:
+        raise MessageError(f"{where}: image encoding '{given}', but the robot YAML says this topic carries "
+                           f"{encoding} (set its 'encoding' to what the camera publishes)")
+    got = (int(message.get("height", 0)), int(message.get("width", 0)))
+    if got != (height, width):
+        raise MessageError(f"{where}: the image is {got[0]}x{got[1]} (H x W), but '{key}' is {height}x{width}")
+    data = message.get("data", b"")
+    data = base64.b64decode(data) if isinstance(data, str) else bytes(data)  # rosbridge: base64 text
+    step = int(message.get("step") or width * channels)
+    if len(data) != step * height:
+        raise MessageError(f"{where}: {len(data)} bytes of data, but a {height}x{width} {given} image with step "
+                           f"{step} has {step * height}")
+    image = decode_image({**message, "data": data}, where)
+    return np.ascontiguousarray(image[::-1]) if flip_rows else image
+
+
+def encode_camera_image(image: np.ndarray, encoding: str = "rgb8", flip_rows: bool = False,
+                        stamp: float | None = None, frame_id: str = "") -> dict[str, Any]:
+    """The ``sensor_msgs/Image`` dict that :func:`decode_camera_image` turns back into ``image`` exactly."""
+    image = np.asarray(image, dtype=np.uint8)
+    return encode_image(image[::-1] if flip_rows else image, encoding=encoding, stamp=stamp, frame_id=frame_id)
+
+
 def decode_field(msg_type: str, message: dict[str, Any], field: str | None = None, joints: list[str] | None = None,
                  index: list[int] | None = None, where: str = "message") -> np.ndarray:
     """The array one observation key takes from a message dict (float64, or uint8 for images)."""
@@ -184,7 +228,8 @@ def encode_fields(msg_type: str, parts: list[dict[str, Any]], stamp: float | Non
     """Build one message dict from several observation keys that share its topic.
 
     ``parts`` holds dicts ``{"value": array, "field": ..., "joints": ..., "index": ...}``, the inverse of
-    :func:`decode_field`: each key's values land where ``decode_field`` would read them from.
+    :func:`decode_field`: each key's values land where ``decode_field`` would read them from. An image part may
+    add ``"flip_rows": True`` (see :func:`decode_camera_image`).
     """
     msg_type = canonical_type(msg_type)
     if msg_type == JOINT_STATE:
@@ -236,7 +281,8 @@ def encode_fields(msg_type: str, parts: list[dict[str, Any]], stamp: float | Non
     if msg_type == IMAGE:
         if len(parts) != 1:
             raise MessageError("an Image topic carries exactly one observation key")
-        return encode_image(np.asarray(parts[0]["value"]), encoding=encoding, stamp=stamp, frame_id=frame_id)
+        return encode_camera_image(parts[0]["value"], encoding=encoding, flip_rows=bool(parts[0].get("flip_rows")),
+                                   stamp=stamp, frame_id=frame_id)
     raise MessageError(f"unsupported message type '{msg_type}'")
 
 

@@ -11,7 +11,9 @@ recorder turns into the hold action) and ``events()`` (operator events since the
   topic (a leader arm, a VR rig, a phone app, or the twin's scripted expert in CI).
 
 Operator keys (LeRobot's, plus marking): right arrow or Enter = next episode, left arrow or Backspace = re-record,
-Esc or q = stop, y = mark success, n = mark failure, space = e-stop.
+Esc or q = stop, y = mark success, n = mark failure, space = e-stop; during ``train residual --teleop=...``
+t toggles the takeover (``takeover`` / ``handback`` on the ROS event topic; a SpaceMouse takes over while it is
+moved, as in SERL).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from robofinetune.robot.errors import RobotError
 from robofinetune.robot.messages import FLOAT64_MULTI_ARRAY, STRING, MessageError, decode_field
 
 NEXT, RERECORD, STOP, SUCCESS, FAILURE, ESTOP = "next", "rerecord", "stop", "success", "failure", "estop"
-EVENTS = (NEXT, RERECORD, STOP, SUCCESS, FAILURE, ESTOP)
+TAKEOVER, HANDBACK, TOGGLE_TAKEOVER = "takeover", "handback", "toggle_takeover"  # interventions during RL
+EVENTS = (NEXT, RERECORD, STOP, SUCCESS, FAILURE, ESTOP, TAKEOVER, HANDBACK, TOGGLE_TAKEOVER)
 
 # key names produced by TerminalKeys
 RIGHT, LEFT, UP, DOWN, ESC, ENTER, BACKSPACE, SPACE = "right", "left", "up", "down", "esc", "enter", "backspace", "space"
 EVENT_KEYS = {RIGHT: NEXT, ENTER: NEXT, LEFT: RERECORD, BACKSPACE: RERECORD, ESC: STOP, "q": STOP, "y": SUCCESS,
-              "n": FAILURE, SPACE: ESTOP}
+              "n": FAILURE, SPACE: ESTOP, "t": TOGGLE_TAKEOVER}
 KEY_HELP = ("keys: -> / Enter next episode, <- / Backspace re-record, Esc / q stop, y mark success, "
             "n mark failure, space e-stop")
 

@@ -1,0 +1,202 @@
+"""Pixels on can: what rendering costs under each camera setting, and image BC success from pixels only.
+
+    python benchmarks/pixels_can.py --render-only            # render cost table (~3 min)
+    python benchmarks/pixels_can.py --diffusion=runs/<bc run>/policy [--flow=...] [--weak=...]
+
+The policies come from ``robofinetune train bc --config=configs/bc/can_image.yaml`` (``--policy=flow`` for flow);
+their training wall clock is read from the checkpoint. Each is evaluated on ``can_image`` over ``--episodes``
+episodes (eval seeds from 100000, as every benchmark here); latency is per action chunk at batch 1 on one
+thread; dataset size is the image dataset written as robomimic HDF5 (gzip), zarr and LeRobot v3 (mp4 video).
+Writes benchmarks/results/pixels_can.json; its top level holds ``image_bc`` (the diffusion policy's figures)
+and ``render_ms_per_step`` ({setting: ms}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import RESULTS, provenance, write_result
+
+FAST = dict(shadows=False, reflections=False, skybox=False, haze=False, multisamples=0)
+
+
+def render_settings() -> dict[str, tuple[str, dict]]:
+    """setting name -> (base task, TaskSpec overrides)."""
+    from robofinetune.envs import load_task_spec
+    from robofinetune.envs.spec import Camera, RenderSettings
+
+    can_image = load_task_spec("can_image")
+    state = {key: shape for key, shape in can_image.obs_shapes.items() if not key.endswith("_image")}
+
+    def cameras(size: int, names=("agentview", "robot0_eye_in_hand")) -> dict:
+        shapes = dict(state)
+        for name in names:
+            shapes[f"{name}_image"] = (size, size, 3)
+        return {"cameras": [Camera(name, size, size) for name in names], "obs_shapes": shapes}
+
+    return {
+        "can_no_cameras": ("can", {}),
+        "can_2cams_84_robosuite_default": ("can_image", {**cameras(84), "render_settings": RenderSettings()}),
+        "can_2cams_84_no_shadows_reflections_skybox_haze": (
+            "can_image", {**cameras(84), "render_settings": RenderSettings(**{**FAST, "multisamples": None})}),
+        "can_2cams_84_fast (shipped can_image)": ("can_image", {}),
+        "can_2cams_64_fast": ("can_image", {**cameras(64), "render_settings": RenderSettings(**FAST)}),
+        "can_2cams_128_fast": ("can_image", {**cameras(128), "render_settings": RenderSettings(**FAST)}),
+        "can_agentview_84_fast": ("can_image", {**cameras(84, ("agentview",)), "render_settings": RenderSettings(**FAST)}),
+        "can_eye_in_hand_84_fast": (
+            "can_image", {**cameras(84, ("robot0_eye_in_hand",)), "render_settings": RenderSettings(**FAST)}),
+        "pointmass_image_32": ("pointmass_image", {}),
+    }
+
+
+def _measure_setting(name: str, steps: int) -> tuple[float, dict[str, float]]:
+    """(median ms per env step, per-camera std of the last frame) for one setting, in this process."""
+    from robofinetune.envs import load_task_spec, make_env
+
+    task, overrides = render_settings()[name]
+    spec = load_task_spec(task)
+    spec = spec.replace(**overrides) if overrides else spec
+    env = make_env(spec)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(steps):
+        action = rng.uniform(-0.3, 0.3, env.action_space.shape).astype(np.float32)
+        start = time.perf_counter()
+        obs, _, terminated, truncated, _ = env.step(action)
+        times.append((time.perf_counter() - start) * 1000)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return float(np.median(times[5:])), {key: float(value.std()) for key, value in obs.items() if key.endswith("_image")}
+
+
+def render_ms_per_step(steps: int) -> dict[str, float]:
+    """Median ms per env step (physics and rendering every camera) over ``steps`` random-action steps, one env,
+    each setting in a fresh process: several robosuite envs with different render settings made one after the
+    other in one process once gave a black wrist camera (and a cheap, wrong time); a blank frame fails here."""
+    import multiprocessing
+
+    figures = {}
+    context = multiprocessing.get_context("spawn")
+    for name in render_settings():
+        with context.Pool(1) as pool:
+            ms, image_std = pool.apply(_measure_setting, (name, steps))
+        blank = [key for key, std in image_std.items() if std < 5.0]
+        if blank:
+            raise RuntimeError(f"render setting {name}: blank frames from {blank} (std {image_std})")
+        figures[name] = ms
+        print(f"render {name}: {ms:.1f} ms per step")
+    return figures
+
+
+def chunk_latency_ms(policy, repeats: int = 30) -> float:
+    """Median ms per action chunk at batch 1 on one thread (images uint8, as an env gives them)."""
+    obs = {key: np.zeros((1, policy.config.n_obs_steps, *shape),
+                         np.uint8 if key.endswith("_image") else np.float32)
+           for key, shape in policy.config.obs_shapes.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + 3):
+            start = time.perf_counter()
+            policy.sample(obs)
+            if index >= 3:
+                times.append((time.perf_counter() - start) * 1000)
+    torch.set_num_threads(threads)
+    return float(np.median(times))
+
+
+def evaluate(policy_path: str, episodes: int) -> dict:
+    from robofinetune.eval import EvalResult, evaluate_policy
+    from robofinetune.policies import load_policy
+
+    policy = load_policy(policy_path, device="cpu")
+    cached = Path(policy_path) / f"eval_can_image_{episodes}_seed100000.json"
+    if cached.exists():  # same policy, episodes and seeds: reuse rather than re-spend ~15 CPU minutes
+        stored = json.loads(cached.read_text())
+        evaluation = EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
+    else:
+        evaluation = evaluate_policy(policy, "can_image", episodes=episodes, num_envs=2, seed=100_000)
+        cached.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    print(f"{policy_path}: {evaluation.summary()}")
+    meta = policy.checkpoint_metadata
+    image_keys = [key for key in policy.config.obs_shapes if key.endswith("_image")]
+    return {
+        "policy_path": policy_path, "policy": policy.config.kind if hasattr(policy.config, "kind") else meta.get("policy"),
+        "success": evaluation.success_rate, "success_ci": list(evaluation.success_ci), "episodes": evaluation.episodes,
+        "mean_length": evaluation.mean_length,
+        "cameras": [key[: -len("_image")] for key in image_keys],
+        "image_size": list(policy.config.obs_shapes[image_keys[0]][:2]) if image_keys else None,
+        "state_keys": [key for key in policy.config.obs_shapes if not key.endswith("_image")],
+        "train_seconds": meta.get("train_seconds"), "train_steps": meta.get("train_steps"),
+        "latency_ms_per_chunk": chunk_latency_ms(policy),
+    }
+
+
+def dataset_sizes(dataset: Path) -> dict[str, float]:
+    """MB on disk of the image dataset in each format (the HDF5 as given; zarr and LeRobot written from it)."""
+    from robofinetune.data.io import convert_dataset
+
+    def size_mb(path: Path) -> float:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return sum(p.stat().st_size for p in files) / 1e6
+
+    sizes = {"robomimic_hdf5": size_mb(dataset)}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, destination in (("zarr", Path(folder) / "data.zarr"), ("lerobot_v3_mp4", Path(folder) / "data_lerobot")):
+            start = time.perf_counter()
+            convert_dataset(dataset, destination)
+            sizes[name] = size_mb(destination)
+            sizes[f"{name}_write_seconds"] = time.perf_counter() - start
+            shutil.rmtree(destination, ignore_errors=True)
+    print(f"dataset sizes (MB): {sizes}")
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--diffusion", help="image diffusion BC policy folder")
+    parser.add_argument("--flow", help="image flow BC policy folder (optional)")
+    parser.add_argument("--weak", help="the deliberately weak image policy shipped for part 2 (optional)")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--weak-episodes", type=int, default=100)
+    parser.add_argument("--render-steps", type=int, default=60)
+    parser.add_argument("--dataset", default="datasets/can_image_200.hdf5")
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--skip-render", action="store_true", help="keep render_ms_per_step from the last result")
+    args = parser.parse_args()
+
+    previous_path = RESULTS / "pixels_can.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else {}
+    result = {"task": "can_image", **provenance(0)}
+    result["render_ms_per_step"] = (previous.get("render_ms_per_step", {}) if args.skip_render
+                                    else render_ms_per_step(args.render_steps))
+    if not args.render_only:
+        if not args.diffusion:
+            parser.error("--diffusion is required unless --render-only")
+        result["image_bc"] = evaluate(args.diffusion, args.episodes)
+        if args.flow:
+            result["image_bc_flow"] = evaluate(args.flow, args.episodes)
+        if args.weak:
+            result["weak_image_policy"] = evaluate(args.weak, args.weak_episodes)
+        if Path(args.dataset).exists():
+            result["dataset_mb"] = dataset_sizes(Path(args.dataset))
+    else:
+        for key in ("image_bc", "image_bc_flow", "weak_image_policy", "dataset_mb"):
+            if key in previous:
+                result[key] = previous[key]
+    write_result("pixels_can.json", result)
+
+
+if __name__ == "__main__":
+    main()
