@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--diffusion", help="image diffusion BC policy folder")
     parser.add_argument("--flow", help="image flow BC policy folder (optional)")
     parser.add_argument("--weak", help="the deliberately weak image policy shipped for part 2 (optional)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                        help="more policies to evaluate the same way, kept under 'variants' (e.g. the same weights "
+                             "executing 2 of each chunk's actions)")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--weak-episodes", type=int, default=100)
     parser.add_argument("--render-steps", type=int, default=60)
@@ -189,10 +192,13 @@ def main() -> None:
             result["image_bc_flow"] = evaluate(args.flow, args.episodes)
         if args.weak:
             result["weak_image_policy"] = evaluate(args.weak, args.weak_episodes)
+        for entry in args.variant:
+            name, _, path = entry.partition("=")
+            result.setdefault("variants", {})[name] = evaluate(path, args.episodes)
         if Path(args.dataset).exists():
             result["dataset_mb"] = dataset_sizes(Path(args.dataset))
     else:
-        for key in ("image_bc", "image_bc_flow", "weak_image_policy", "dataset_mb"):
+        for key in ("image_bc", "image_bc_flow", "weak_image_policy", "variants", "dataset_mb"):
             if key in previous:
                 result[key] = previous[key]
     write_result("pixels_can.json", result)

@@ -18,7 +18,14 @@ It reads the robot YAML the runner reads, and speaks its side of it:
   ``{"id", "seed", "episode"}`` on ``reset.done_topic`` once the new episode's first observation is out;
 * ``twin.pause_topic`` (std_msgs/Bool) true stops publishing observations (a driver that died), false resumes;
 * ``--expert-teleop``: plays the operator: runs the task's scripted expert on what it observes and publishes
-  its action (std_msgs/Float64MultiArray) on ``teleop.action_topic`` after every observation.
+  its action (std_msgs/Float64MultiArray) on ``teleop.action_topic`` after every observation. For tests of
+  ``train residual --teleop=ros-topic`` the operator can also follow a script, the same in every episode (steps
+  count from the episode's first observation, 0):
+  ``--takeover START:END`` publishes ``takeover`` on ``teleop.event_topic`` with observation START and
+  ``handback`` with observation END (before the observation, so a lockstep learner has the event when it acts);
+  ``--teleop-jolt STEP`` replaces the action for observation STEP by a full-scale command opposite to the last
+  command the twin ran (a jump no per-step delta limit below 1 lets through);
+  ``--teleop-bad STEP:nan|size`` replaces it by a bad one (a NaN first value, or one value too many).
 
 ``twin.mode``: ``realtime`` steps the sim at ``control_rate`` on its own clock with the newest command (zero-order
 hold; the hold action once the command is older than ``twin.command_timeout``), as hardware does;
@@ -47,7 +54,8 @@ from robofinetune.robot.transport import make_transport
 
 class TwinNode:
     def __init__(self, config: RobotConfig, mode: str | None = None, expert_teleop: bool = False,
-                 expert_noise: float | None = None, seed: int = 0, verbose: bool = True) -> None:
+                 expert_noise: float | None = None, seed: int = 0, verbose: bool = True,
+                 operator_script: dict[int, list[str]] | None = None) -> None:
         self.config = config
         self.mode = mode or config.twin.mode
         self.period = 1.0 / config.control_rate
@@ -65,6 +73,9 @@ class TwinNode:
             self.expert = make_expert(config.task.name if config.task.expert is None else config.task.expert,
                                       noise=noise, seed=seed)
         self.hold = np.zeros(config.action_dim)
+        # episode step -> what the scripted operator does there: takeover, handback, jolt, bad:nan, bad:size
+        self.operator_script = operator_script or {}
+        self.last_command = np.zeros(config.action_dim)   # the command the sim last stepped with
         self.transport = make_transport(config)
         self.events: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -90,6 +101,8 @@ class TwinNode:
         self.done_pub = self.transport.publisher(config.reset.done_topic, STRING)
         self.teleop_pub = self.transport.publisher(config.teleop.action_topic, FLOAT64_MULTI_ARRAY) \
             if self.expert is not None else None
+        self.event_pub = self.transport.publisher(config.teleop.event_topic, STRING) \
+            if self.expert is not None and self.operator_script else None
         self.transport.subscribe(config.command.topic, config.command.type, self._on_command)
         self.transport.subscribe(config.reset.request_topic, STRING, self._on_reset_request)
         self.transport.subscribe(config.twin.pause_topic, BOOL, self._on_pause)
@@ -141,6 +154,11 @@ class TwinNode:
     def publish(self, with_teleop: bool = True) -> None:
         if self.paused:
             return
+        script = self.operator_script.get(self.steps, []) if with_teleop else []
+        if self.event_pub is not None:
+            for event in script:
+                if event in ("takeover", "handback"):
+                    self.event_pub.publish({"data": event})
         stamp = time.time()
         by_topic: dict[str, list[dict[str, Any]]] = {}
         encodings: dict[str, str] = {}
@@ -157,8 +175,16 @@ class TwinNode:
         if self.success_pub is not None:
             self.success_pub.publish({"data": bool(self.success)})
         if self.teleop_pub is not None and with_teleop:
-            action = self.expert.act({key: self.obs[key] for key in self.config.task.obs_shapes})
-            self.teleop_pub.publish(encode_command(FLOAT64_MULTI_ARRAY, np.asarray(action, dtype=np.float64)))
+            action = np.asarray(self.expert.act({key: self.obs[key] for key in self.config.task.obs_shapes}),
+                                dtype=np.float64)
+            if "jolt" in script:
+                action = np.where(self.last_command >= 0, -1.0, 1.0)
+            if "bad:nan" in script:
+                action = action.copy()
+                action[0] = np.nan
+            if "bad:size" in script:
+                action = np.append(action, 0.0)
+            self.teleop_pub.publish(encode_command(FLOAT64_MULTI_ARRAY, action))
 
     def reset(self, request_id: str | None, seed: Any) -> None:
         if request_id is not None and request_id == self.last_request:
@@ -185,7 +211,8 @@ class TwinNode:
         self.done_pub.publish({"data": json.dumps({"id": request_id, "seed": seed, "episode": self.episode})})
 
     def step(self, action: np.ndarray) -> None:
-        obs, _, _, _, info = self.env.step(np.clip(action, -1.0, 1.0))
+        self.last_command = np.clip(action, -1.0, 1.0)
+        obs, _, _, _, info = self.env.step(self.last_command)
         self.steps += 1
         self.success = bool(info.get("is_success", False))
         self.obs = self._observation(obs)
@@ -242,14 +269,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-teleop", action="store_true", help="publish the scripted expert's actions")
     parser.add_argument("--expert-noise", type=float, help="override twin.expert_noise")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    parser.add_argument("--takeover", metavar="START:END", help="with --expert-teleop: take over at episode step "
+                        "START, hand back at END (every episode)")
+    parser.add_argument("--teleop-jolt", type=int, metavar="STEP", help="with --expert-teleop: a full-scale command "
+                        "opposite to the last one at episode step STEP")
+    parser.add_argument("--teleop-bad", action="append", default=[], metavar="STEP:nan|size",
+                        help="with --expert-teleop: a bad command at episode step STEP")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a robot YAML field")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from robofinetune.robot.cli import parse_set_overrides
 
     # ROS parameters such as __name:=... arrive when started by roslaunch; argparse must not see them
+    script: dict[int, list[str]] = {}
+    try:
+        if args.takeover:
+            start, end = (int(part) for part in args.takeover.split(":"))
+            script.setdefault(start, []).append("takeover")
+            script.setdefault(end, []).append("handback")
+        if args.teleop_jolt is not None:
+            script.setdefault(args.teleop_jolt, []).append("jolt")
+        for item in args.teleop_bad:
+            step, kind = item.split(":")
+            if kind not in ("nan", "size"):
+                raise ValueError(kind)
+            script.setdefault(int(step), []).append(f"bad:{kind}")
+    except ValueError:
+        parser.error("--takeover is START:END, --teleop-jolt STEP, --teleop-bad STEP:nan|size (steps: integers)")
+    if script and not args.expert_teleop:
+        parser.error("--takeover, --teleop-jolt and --teleop-bad script the operator: they need --expert-teleop")
     node = TwinNode(load_robot_config(args.robot, parse_set_overrides(args.set)), mode=args.mode, expert_teleop=args.expert_teleop,
-                    expert_noise=args.expert_noise, seed=args.seed, verbose=not args.quiet)
+                    expert_noise=args.expert_noise, seed=args.seed, verbose=not args.quiet, operator_script=script)
 
     def stop(*_: Any) -> None:
         node.stop.set()

@@ -245,6 +245,23 @@ def test_operator_takeover_passes_the_safety_layer_and_bad_input_holds():
     assert operator.wait_for_mark() is True and operator.take_mark() is None
 
 
+def test_a_mark_mid_episode_ends_it_only_on_a_robot_without_a_success_topic():
+    env, operator, source, _ = robot_with_operator()
+    source.queued = ["success"]
+    _, reward, terminated, truncated, _ = env.step(np.zeros(2))
+    assert (terminated, truncated, reward) == (False, False, 0.0)      # a success topic decides: the mark waits
+    assert operator.take_mark() is True
+    operator.mark_ends_episode = True                                  # no success topic: the mark is the outcome
+    source.queued = ["failure"]
+    _, reward, terminated, truncated, info = env.step(np.zeros(2))
+    assert (terminated, truncated, reward, info["is_success"], info["ended_by_mark"]) == (False, True, 0.0, False, True)
+    env.reset()                                                        # the vector env's autoreset ...
+    assert operator.take_mark() is False                               # ... keeps the mark for the training loop
+    source.queued = ["success"]
+    _, reward, terminated, truncated, info = env.step(np.zeros(2))
+    assert (terminated, truncated, reward, info["is_success"]) == (True, False, 1.0, True)
+
+
 def test_teleop_and_scripted_settings_are_checked():
     with pytest.raises(ConfigError, match="teleop.*robot task"):
         make_training_envs("pointmass", 1, 0, teleop="keyboard")

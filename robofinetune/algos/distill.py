@@ -24,6 +24,11 @@ executes per plan (1 for the residual policy, which corrects every step); the st
 so it replans at every env step (still one network call per step, against the composite's DDIM-10 per chunk
 plus its actor per step).
 
+Image teachers: the student gets the teacher's observation encoder (same fields), its weights copied with the
+denoiser's when ``init_from_teacher`` (the denoiser's weights only make sense on those features) and then
+fine-tuned with the student. The summary reports ``student_latency_ms``, ``teacher_latency_ms`` and
+``latency_ratio``: one act() from a raw observation at batch 1, image encoding included.
+
 ``robofinetune distill --teacher=PATH --task=can [--steps=1|2|4] [--key=value ...] [--resume=RUN]``.
 """
 
@@ -48,6 +53,7 @@ from tqdm.auto import tqdm
 from robofinetune.data.chunks import ActionChunkWindows
 from robofinetune.data.episode import Episode
 from robofinetune.errors import ConfigError, DatasetError
+from robofinetune.images import is_image_key
 from robofinetune.policies import GenerativePolicy, Policy, load_policy
 from robofinetune.policies.base import ChainSample
 from robofinetune.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
@@ -188,9 +194,11 @@ def build_student(teacher: Policy, config: DistillConfig, probe_obs: dict[str, A
     ode, grid = teacher_grid(base, solver_steps)
     if not 1 <= config.steps <= len(grid):
         raise ConfigError(f"config field 'steps' is {config.steps}; choose 1..{len(grid)} (teacher_steps)")
+    # the observation encoder's fields too, so an image teacher's student reads the same cameras the same way
     inherited = {name: getattr(base.config, name) for name in (
         "task", "obs_keys", "obs_shapes", "action_dim", "n_obs_steps", "horizon", "network", "hidden_dim",
-        "depth", "unet_dims", "chain_min_std")}
+        "depth", "unet_dims", "chain_min_std", "encoder", "image_feature_dim", "augmentation", "shift_pad",
+        "crop_fraction")}
     student_config = ConsistencyPolicyConfig(
         **inherited, n_action_steps=targets_of.executed_steps(probe_obs), inference_steps=config.steps, ode=ode,
         grid=grid, num_train_timesteps=getattr(base.config, "num_train_timesteps", 100),
@@ -201,6 +209,10 @@ def build_student(teacher: Policy, config: DistillConfig, probe_obs: dict[str, A
     student.obs_normalizer.load_state_dict(base.obs_normalizer.state_dict())
     student.action_normalizer.load_state_dict(base.action_normalizer.state_dict())
     if config.init_from_teacher:
+        if student.config.image_keys:
+            # the teacher's denoiser weights only mean something on the teacher's features: copy its encoder too
+            # (then fine-tuned with the student, end to end through the distillation loss)
+            student.obs_encoder.load_state_dict(base.obs_encoder.state_dict())
         student.denoiser.load_state_dict(base.denoiser.state_dict())
         if ode == "diffusion" and student_config.prediction == "sample":
             # the output now means "chunk", not "noise": keep the teacher's features, start the head at zero
@@ -208,6 +220,25 @@ def build_student(teacher: Policy, config: DistillConfig, probe_obs: dict[str, A
             torch.nn.init.zeros_(head.weight)
             torch.nn.init.zeros_(head.bias)
     return student
+
+
+@torch.no_grad()
+def act_latency_ms(policy: Policy, obs: dict[str, Any], repeats: int = 20) -> float:
+    """Median wall time of one ``act`` from raw observation histories (B, n_obs_steps, ...), in ms: image
+    decoding to floats and encoding included (the encoder runs inside act), after two warm-up calls."""
+    numpy_obs = {key: value.cpu().numpy() if torch.is_tensor(value) else np.asarray(value) for key, value in obs.items()}
+    was_training = policy.training
+    policy.eval()
+    times = []
+    try:
+        for index in range(repeats + 2):
+            start = time.perf_counter()
+            policy.act(numpy_obs)
+            if index >= 2:
+                times.append(time.perf_counter() - start)
+    finally:
+        policy.train(was_training)
+    return 1000.0 * float(np.median(times))
 
 
 # --- training states: demos and the teacher's own rollouts -------------------------------------------------------
@@ -232,8 +263,9 @@ def collect_teacher_rollouts(teacher: Policy, task: str, episodes: int, num_envs
         while len(finished) < episodes:
             step = rollout.step(teacher.select_action(rollout.obs))
             for index in range(rollout.num_envs):
-                for key in keys:
-                    pending[index]["obs"][key].append(np.asarray(step.obs[key][index], np.float32))
+                for key in keys:   # camera keys stay uint8, as datasets and policies keep them
+                    dtype = np.uint8 if is_image_key(key) else np.float32
+                    pending[index]["obs"][key].append(np.asarray(step.obs[key][index], dtype))
                 pending[index]["actions"].append(step.action[index])
             for outcome in step.finished:
                 record = pending[outcome.env_index]
@@ -474,6 +506,12 @@ def train_distill(config: DistillConfig, run: Run, resume: bool = False, progres
                                "policy_path": str(run.path / "policy")}
     if not trainer.is_global_zero:
         return summary
+    # per chunk from one observation history (batch 1, as on a robot), images encoded inside act()
+    single = {key: value[:1].numpy() for key, value in probe.items()}
+    student_ms = act_latency_ms(module.ema_student.cpu(), single)
+    teacher_ms = act_latency_ms(teacher.cpu(), single)
+    summary.update(student_latency_ms=student_ms, teacher_latency_ms=teacher_ms,
+                   latency_ratio=teacher_ms / max(student_ms, 1e-9))
     return export_and_evaluate(module.ema_student.eval(), run, config, metadata, summary, progress)
 
 

@@ -18,6 +18,10 @@ Why FQE only (no importance sampling / doubly robust): IS needs the behaviour po
 teleop demos and mixed replay do not have, and the target's likelihood of a *logged* chunk, which a diffusion or
 flow policy does not give (``chain_log_prob`` scores one denoising chain, not the marginal of its final action).
 
+Observations with cameras: the Q networks never see pixels. Each logged history is encoded once by the evaluated
+policy's own observation encoder (a residual's: its frozen base's), frozen and in eval mode, and FQE runs on
+those float32 features (:func:`history_encoder`); data with cameras and a policy without an encoder is refused.
+
 Why a paired bootstrap: the question is the sign of J(A) - J(B), not either value. Head b of both policies
 shares the resample, the network initialisation and the minibatch sequence (common random numbers), so the
 noise of fitting Q mostly cancels in the difference, and the heads' spread of the *difference* measures both
@@ -35,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ from tqdm.auto import tqdm
 
 from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError, DatasetError
+from robofinetune.images import image_keys, is_image_key
 
 GATE_FILE = "gate.json"
 GATE_HISTORY_FILE = "gate_history.jsonl"
@@ -165,7 +170,15 @@ class ChunkWindows:
 
 
 def build_chunk_windows(episodes: Sequence[Episode], obs_keys: list[str], n_obs_steps: int, chunk_steps: int,
-                        gamma: float) -> ChunkWindows:
+                        gamma: float, encode: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
+                        ) -> ChunkWindows:
+    """Windows of every logged step. ``state_obs`` is the flattened history of each row, or, given ``encode``
+    (histories (B, n_obs_steps, ...) -> (B, D)), its features: camera keys are never flattened, and without
+    ``encode`` data with cameras is refused."""
+    cameras = [key for key in obs_keys if is_image_key(key)]
+    if cameras and encode is None:
+        raise ConfigError(f"FQE on observations with cameras {cameras} needs an image encoder for the Q networks' "
+                          f"input (images are not flattened into vectors); the policy has none")
     histories: dict[str, list[np.ndarray]] = {key: [] for key in obs_keys}
     obs_rows, chunks, rewards, discounts, next_rows, episode_ids, initial_rows = [], [], [], [], [], [], []
     offset = 0
@@ -174,9 +187,10 @@ def build_chunk_windows(episodes: Sequence[Episode], obs_keys: list[str], n_obs_
         # frames 0..T: the T observations the actions were taken from, then the one after the last action
         frames = {}
         for key in obs_keys:
-            values = np.asarray(episode.observations[key], dtype=np.float32)
+            dtype = np.uint8 if is_image_key(key) else np.float32   # images stay uint8, as policies take them
+            values = np.asarray(episode.observations[key], dtype=dtype)
             last = values[-1] if episode.final_observation is None else np.asarray(episode.final_observation[key])
-            frames[key] = np.concatenate([values, last[None].astype(np.float32)])
+            frames[key] = np.concatenate([values, last[None].astype(dtype)])
         rows = np.clip(np.arange(length + 1)[:, None] + np.arange(-n_obs_steps + 1, 1)[None], 0, length)
         for key in obs_keys:
             histories[key].append(frames[key][rows])
@@ -199,7 +213,10 @@ def build_chunk_windows(episodes: Sequence[Episode], obs_keys: list[str], n_obs_
             episode_ids.append(index)
         offset += length + 1
     stacked = {key: np.concatenate(parts) for key, parts in histories.items()}
-    state_obs = np.concatenate([stacked[key].reshape(len(stacked[key]), -1) for key in obs_keys], axis=1)
+    if encode is not None:
+        state_obs = encode(stacked)
+    else:
+        state_obs = np.concatenate([stacked[key].reshape(len(stacked[key]), -1) for key in obs_keys], axis=1)
     all_rewards = np.concatenate([episode.rewards for episode in episodes])
     return ChunkWindows(histories=stacked, chunk_steps=chunk_steps, obs=state_obs[np.asarray(obs_rows)],
                         chunk=np.asarray(chunks, dtype=np.float32), reward=np.asarray(rewards, dtype=np.float32),
@@ -220,6 +237,42 @@ def _value_range(episodes: Sequence[Episode], rewards: np.ndarray, gamma: float)
 
 
 # --- the policy's chunks at every logged history ------------------------------------------------------------------
+
+
+def history_encoder(policy: Any, batch: int = 1024) -> Callable[[dict[str, np.ndarray]], np.ndarray] | None:
+    """For a policy with cameras: histories (S, n_obs_steps, ...) -> (S, n_obs_steps * D) float32 features from
+    the policy's own observation encoder (a residual's: its base's), frozen, in eval mode (no augmentation),
+    computed once per logged history. None for a state-only policy (FQE flattens its state keys).
+
+    Why the policy's own encoder: it is the representation the policy acts on, so Q sees what tells its chunks
+    apart; no other encoder is available without training one. The training gate compares a residual with its
+    base, which share the encoder, so both fits see identical inputs and stay paired exactly. Two image
+    policies with different encoders are each fitted on their own features (same resample, init and minibatches)."""
+    if not image_keys(policy.config.obs_keys):
+        return None
+    from robofinetune.rl.features import observation_encoder_of
+
+    encoder = observation_encoder_of(policy)
+    if encoder is None:
+        raise ConfigError(f"policy kind '{getattr(policy, 'kind', type(policy).__name__)}' observes cameras "
+                          f"{image_keys(policy.config.obs_keys)} but has no observation encoder; FQE cannot read "
+                          f"its images")
+
+    @torch.no_grad()
+    def encode(histories: dict[str, np.ndarray]) -> np.ndarray:
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            keys = list(encoder.shapes)
+            count = len(histories[keys[0]])
+            parts = [encoder({key: torch.as_tensor(histories[key][start: start + batch]) for key in keys})
+                     .reshape(min(batch, count - start), -1).float().cpu().numpy()
+                     for start in range(0, count, batch)]
+        finally:
+            encoder.train(was_training)
+        return np.concatenate(parts).astype(np.float32)
+
+    return encode
 
 
 def policy_chunk_length(policy: Any, windows_histories: dict[str, np.ndarray]) -> int:
@@ -416,13 +469,14 @@ def estimate_policy_value(policy: Any, episodes: Sequence[Episode], config: Gate
     policy_config = policy.config
     obs_keys, n_obs_steps = list(policy_config.obs_keys), int(policy_config.n_obs_steps)
 
-    probe = build_chunk_windows(episodes[:1], obs_keys, n_obs_steps, 1, config.gamma)
+    encode = history_encoder(policy, config.policy_batch)
+    probe = build_chunk_windows(episodes[:1], obs_keys, n_obs_steps, 1, config.gamma, encode)
     act_length = policy_chunk_length(policy, probe.histories)
     chunk_steps = config.chunk_steps or act_length
     if chunk_steps > act_length:
         raise ConfigError(f"gate config field 'chunk_steps' is {chunk_steps} but the policy executes chunks of "
                           f"{act_length} actions")
-    windows = build_chunk_windows(episodes, obs_keys, n_obs_steps, chunk_steps, config.gamma)
+    windows = build_chunk_windows(episodes, obs_keys, n_obs_steps, chunk_steps, config.gamma, encode)
     chunks = policy_chunks(policy, windows.histories, chunk_steps, config.action_samples, config.policy_batch,
                            seed=config.seed + 1, progress=progress, name=name)
     logged_rows = np.concatenate([np.arange(start_row, start_row + length) for start_row, length in

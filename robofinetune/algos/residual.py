@@ -37,6 +37,18 @@ Choices, and why:
 - Base state: reset for each env at its episode start, and at a time-limit cut the base action of the last
   state is asked of a copy of the base, so the n-step target bootstraps from the right (s, b).
 - Demo transitions get b by running the base along each demo from its start, as in a rollout.
+- Image bases (tasks with ``<camera>_image`` keys): s is not the flat observation but the frozen base's own
+  ObservationEncoder features of the current frame (eval mode, no augmentation, no gradient;
+  :mod:`robofinetune.rl.features`), computed once per transition and stored in replay as float32 (LeRobot and
+  HIL-SERL freeze and share the encoder, LeRobot caches the frozen features); the ResFiT alternative, a
+  critic-trained encoder with random shifts, would put two 84x84 convolution passes per sample into every
+  update. Actor and critics never touch pixels; the exported policy encodes the image itself at act time
+  (``ResidualPolicy.rl_observation``). Measured (2-core CPU, loaded, nice 19): can_image, 2 cameras 84x84,
+  strided_conv: 137 features a frame, 1,202 bytes a transition (115 MiB at 100k, against 7.9 GiB for uint8
+  images), the encoder pass ~16 ms per step for 2 envs (rendering is ~215 ms), a TD3 update ~36 ms vs ~32 ms on
+  can's 23 flat state floats; pointmass_image: 68 features, 590 bytes a transition. ``train`` prints the figure
+  and the summary keeps it (``replay_bytes_per_transition``). A checkpoint remembers the base's fingerprint:
+  resuming with another base (whose actions and features differ from those in replay) is refused.
 - Sizes for a shared 2-core CPU (``benchmarks/residual_throughput.py``): ResFiT's 10 heads of 2 x 1024 cost
   ~0.5 CPU-s per update here (~56 CPU-hours for 100k env steps at UTD 4); 10 heads of 2 x 128 keep the REDQ
   ensemble at ~20 CPU-ms per update. UTD 2 instead of 4, and the learner updates while the env processes
@@ -57,13 +69,15 @@ from torch import nn
 
 from robofinetune.data.episode import Episode
 from robofinetune.errors import CheckpointError, ConfigError
+from robofinetune.images import is_image_key
 from robofinetune.policies import load_policy, register_policy, save_policy
 from robofinetune.policies.checkpoint import default_device
 from robofinetune.policies.base import Policy
+from robofinetune.rl.features import BASE_ENCODER, FrozenFeatures, observation_encoder_of, replay_row_bytes
 from robofinetune.rl.learner import CheckpointedLearner
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.rl import (CriticEnsemble, HeadGroups, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
-                             flatten_observation, mlp, polyak_update, random_head_subset, sample_symmetric)
+                             mlp, polyak_update, random_head_subset, sample_symmetric)
 from robofinetune.runs import Run
 
 
@@ -163,9 +177,16 @@ class ResidualPolicyConfig:
     layer_norm: bool = True
     base_kind: str = ""
     n_obs_steps: int = 1              # the base's observation history, which act() takes (set from the base)
+    # what the actor sees of the frame (robofinetune.rl.features): "state" = the flat observation keys;
+    # "base_encoder" = the frozen base's own ObservationEncoder features (camera tasks: images never enter replay)
+    features: str = "state"
+    feature_dim: int = 0              # base_encoder: features per frame (set from the base's encoder)
 
     @property
     def obs_dim(self) -> int:
+        """Size of the actor's observation part: encoder features, or the flat observation keys."""
+        if self.features == BASE_ENCODER:
+            return int(self.feature_dim)
         return int(sum(int(np.prod(self.obs_shapes[key])) for key in self.obs_keys))
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +236,11 @@ class ResidualPolicy(Policy):
         if base is None:
             raise CheckpointError("a residual policy needs its base policy (load it with load_policy)")
         config.n_obs_steps = int(getattr(base.config, "n_obs_steps", 1))
+        encoder = observation_encoder_of(base) if config.features == BASE_ENCODER else None
+        # a plain attribute, not a submodule: the encoder's weights are the base's and are saved with it once
+        self.features = FrozenFeatures(config.features, config.obs_keys, encoder)
+        if encoder is not None:
+            config.feature_dim = int(encoder.output_dim)
         self.config = config
         self.base = base
         self.base.requires_grad_(False)
@@ -222,7 +248,9 @@ class ResidualPolicy(Policy):
                                    config.layer_norm, config.action_scale)
 
     def rl_observation(self, obs: dict[str, np.ndarray], base_action: np.ndarray) -> torch.Tensor:
-        flat = flatten_observation(obs, self.config.obs_keys)
+        """(features of the current frame, base action) as the actor takes it; images are encoded here, so the
+        policy acts from raw observations."""
+        flat = self.features(obs)
         # the actor's device: a learner on CUDA trains the actor there while the base samples on the CPU
         return torch.as_tensor(np.concatenate([flat, base_action], axis=1), device=self.actor.obs_mean.device)
 
@@ -425,8 +453,9 @@ def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str
             states.append({key: np.concatenate([episode.observations[key], np.asarray(final[key])[None]])
                            for key in obs_keys})
         for t in range(steps):
-            obs = {key: np.stack([state[key][min(t, len(state[key]) - 1)] for state in states]).astype(np.float32)
-                   for key in obs_keys}
+            # state keys as float32; camera keys stay uint8, as the base's encoder takes them
+            obs = {key: np.stack([state[key][min(t, len(state[key]) - 1)] for state in states]).astype(
+                       np.uint8 if is_image_key(key) else np.float32) for key in obs_keys}
             actions = base.select_action(obs)
             for row, episode in enumerate(group):
                 if t <= len(episode):
@@ -460,17 +489,26 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     if list(base.config.obs_keys) != obs_keys and not set(base.config.obs_keys) <= set(obs_keys):
         raise CheckpointError(f"base policy observes {base.config.obs_keys}; task '{config.task}' gives {obs_keys}")
     action_dim = spec.action_dim
+    # a base with an image encoder: the actor and critics see its frozen features (module docstring)
+    feature_kind = BASE_ENCODER if observation_encoder_of(base) is not None else "state"
     policy_config = ResidualPolicyConfig(task=config.task, obs_keys=obs_keys,
                                          obs_shapes={key: list(shape) for key, shape in spec.obs_shapes.items()},
                                          action_dim=action_dim, action_scale=config.action_scale,
                                          hidden_dim=config.actor_hidden_dim, depth=config.actor_depth,
-                                         layer_norm=config.layer_norm, base_kind=getattr(base, "kind", ""))
+                                         layer_norm=config.layer_norm, base_kind=getattr(base, "kind", ""),
+                                         features=feature_kind)
     # The evaluated policy owns a copy of the base: evaluation resets base state that training rollouts need.
     policy = ResidualPolicy(policy_config, base=copy.deepcopy(base))
     device = resolve_device(config.device)
     policy.actor.to(device)   # the base stays on the CPU: it samples one chunk for two envs every 4 steps
     learner = ResidualLearner(config, policy.actor)
-    rl_obs_dim = spec.obs_dim + action_dim
+    # replay rows are computed with the training base's encoder (the same weights as the policy's copy)
+    features = FrozenFeatures(feature_kind, obs_keys, observation_encoder_of(base))
+    feature_dim = policy_config.obs_dim
+    rl_obs_dim = feature_dim + action_dim
+    row_bytes = replay_row_bytes(feature_dim, action_dim)
+    print(f"replay: {feature_kind} features, {feature_dim} floats a frame, {row_bytes} bytes a transition "
+          f"({row_bytes * 100_000 / 2**20:.0f} MiB at 100k)", flush=True)
 
     dataset_path, demos = load_demos(config, obs_keys)
     intervening = config.intervener != "none" or bool(config.teleop)
@@ -484,10 +522,18 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                    checkpoint_every=config.checkpoint_every, progress=config.progress,
                    description=f"residual {config.task}")
     noise_rng = np.random.default_rng(config.seed)
+    from robofinetune.algos.ope import policy_fingerprint   # here, not at import: keeps scipy out of `--help`
+
+    base_fingerprint = policy_fingerprint(base_path(config.base, config.task))
     state = loop.load_checkpoint({"offline": offline, "online": online}) if resume else None
     if resume and state is None:
         print(f"{run.path}: no checkpoint yet, starting from the beginning")
     if state is not None:
+        saved_fingerprint = state.get("base_fingerprint")   # absent in checkpoints from before it was kept
+        if saved_fingerprint is not None and saved_fingerprint != base_fingerprint:
+            raise CheckpointError(f"{run.path}: its checkpoint was made with another base policy than "
+                                  f"{base_path(config.base, config.task)} (config field 'base'); its replay holds "
+                                  f"that base's actions and features, so it cannot resume with this one")
         learner.load_learner_state(state["learner"])
         torch.set_rng_state(state["torch_rng"])
         noise_rng.bit_generator.state = state["noise_rng"]
@@ -498,8 +544,11 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         base.seed_sampling(config.seed)
         labels = label_base_actions(base, demos, obs_keys, progress=config.progress)
         for episode, label in zip(demos, labels):
-            offline.add_episode(episode, obs_keys, extra=label)
-        policy.actor.set_observation_statistics(offline.obs[: len(offline), : spec.obs_dim], config.obs_std_floor)
+            states = None
+            if feature_kind == BASE_ENCODER:
+                states = features.of_episode(episode.observations, episode.final_observation)
+            offline.add_episode(episode, obs_keys, extra=label, states=states)
+        policy.actor.set_observation_statistics(offline.obs[: len(offline), : feature_dim], config.obs_std_floor)
         learner.actor_target.load_state_dict(policy.actor.state_dict())
         # zero-initialised residual: this *is* the base policy's success rate
         loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
@@ -510,7 +559,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     def save_checkpoint() -> None:
         loop.save_checkpoint({"learner": learner.learner_state(), "torch_rng": torch.get_rng_state(),
-                              "noise_rng": noise_rng.bit_generator.state}, {"offline": offline, "online": online})
+                              "noise_rng": noise_rng.bit_generator.state, "base_fingerprint": base_fingerprint},
+                             {"offline": offline, "online": online})
         save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
 
     from robofinetune.algos.ope import training_gate   # here, not at import: keeps scipy out of `--help` and tests
@@ -587,10 +637,11 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         base.seed_sampling(200_000 + 1_000 * config.seed + loop.env_steps)
         base.reset()
         base_action = np.asarray(base.select_action(rollout.obs), np.float32)
+        obs_features = features(rollout.obs)
         loop.start()
         window_start, window_steps = time.time(), 0
         while not loop.finished:
-            rl_obs = np.concatenate([flatten_observation(rollout.obs, obs_keys), base_action], axis=1)
+            rl_obs = np.concatenate([obs_features, base_action], axis=1)
             warming_up = loop.env_steps < config.warmup_steps
             if warming_up:
                 # ResFiT's warm-up: the base acts with small uniform noise while the critic learns
@@ -620,7 +671,13 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 base.reset(int(index))
             base_action = np.asarray(base.select_action(rollout.obs), np.float32)
             next_base_action[~done] = base_action[~done]
-            next_rl_obs = np.concatenate([flatten_observation(transitions.next_obs, obs_keys), next_base_action], axis=1)
+            # one encoder pass per step: the next frame's features are the following step's, except where an
+            # episode ended and the env already shows the next episode's first frame
+            next_features = features(transitions.next_obs)
+            obs_features = next_features.copy()
+            if done.any():
+                obs_features[done] = features({key: np.asarray(value)[done] for key, value in rollout.obs.items()})
+            next_rl_obs = np.concatenate([next_features, next_base_action], axis=1)
             row = (rl_obs, executed, transitions.reward.copy(), next_rl_obs, transitions.terminated.copy(),
                    transitions.truncated.copy(), intervened)
             if episodes is not None:
@@ -715,7 +772,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "train_steps_to_90": loop.train_steps_reaching(0.9), "train_steps_to_95": loop.train_steps_reaching(0.95),
         "train_success_last": loop.recent_success_rate if loop.recent_success else None,
         "episodes": loop.episodes, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates,
-        "wall_clock_s": round(loop.seconds, 1), "seed": config.seed, "policy_path": str(run.path / "policy"),
+        "wall_clock_s": round(loop.seconds, 1), "seed": config.seed,
+        "replay_features": feature_kind, "replay_bytes_per_transition": row_bytes, "policy_path": str(run.path / "policy"),
         "success_curve": str(run.path / "success_curve.png"),
         "gate_promotions": gate.promotions if gate is not None else None,
         "intervener": config.teleop or config.intervener,

@@ -83,6 +83,18 @@ class InterventionWrapper(gymnasium.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(executed)
         sent = info.get("action_sent")   # a RobotEnv: what its safety layer let through (None: held)
         info = dict(info)
+        mark = getattr(self.intervener, "mark", None) if getattr(self.intervener, "mark_ends_episode", False) else None
+        if mark is not None and not (terminated or truncated):
+            # a robot without a success topic: the operator's mark is the episode's outcome, so it ends the episode
+            # at once, as a success topic would. Success is a terminal state (reward 1); a failure mark means "give
+            # up here": a cut (truncated), so the critic still bootstraps from the last state.
+            terminated, truncated = bool(mark), not mark
+            reward = 1.0 if mark else 0.0
+            info["is_success"] = bool(mark)
+            info["ended_by_mark"] = True
+            end = getattr(self.env.unwrapped, "end_episode", None)
+            if end is not None:
+                end()    # a realtime robot must not keep applying the last command until the reset
         info["is_intervention"] = takeover is not None
         info["policy_action"] = proposed
         info["executed_action"] = np.asarray(executed if sent is None else sent, np.float32)
@@ -201,7 +213,13 @@ class TeleopIntervener(Intervener):
     source's action is executed; no input yet means the hold action. A command that is not ``action_dim`` finite
     numbers is refused: the robot holds, ``refusals`` counts it and ``last_refusal`` says why. Every command then
     passes the env's safety layer like the policy's. Success / failure keys and stop are kept for the training
-    loop (``take_mark``, ``stop_requested``).
+    loop (``take_mark``, ``stop_requested``); with ``mark_ends_episode`` (a robot without a success topic) a mark
+    pressed mid-episode also ends the episode at that step (``InterventionWrapper``).
+
+    On a lockstep robot the command used for a step is the operator's answer to that step's observation: the
+    source is asked for one received after the last command went out (as the recorder does), so a ROS operator
+    that replies to every observation is never a step behind. A ROS message the source dropped (wrong size,
+    undecodable) is refused like a bad command: the robot holds.
     """
 
     name = "teleop"
@@ -217,11 +235,15 @@ class TeleopIntervener(Intervener):
         self.stop_requested = False
         self.refusals = 0
         self.last_refusal: str | None = None
+        self.mark_ends_episode = False
+        self._heard = False              # the source has given a command: waiting for a fresh one is worth it
+        self._bad_seen = 0               # the source's dropped messages already refused
 
     def reset(self, env: gymnasium.Env) -> None:
         self.env = env.unwrapped
         self.taken_over = False
-        self.mark = None
+        # the mark is kept: the vector env resets in the step that ends an episode, before the training loop
+        # takes the mark pressed in that episode (take_mark clears it)
 
     def poll(self) -> list[str]:
         """Operator events since the last call (keys and the source's own), takeover and marks applied."""
@@ -269,15 +291,37 @@ class TeleopIntervener(Intervener):
             return np.zeros(self.action_dim, np.float32)
         return np.asarray(safety.hold_action(safety.last_sent), np.float32)
 
+    def _since(self) -> float | None:
+        """On a lockstep robot, the time of the last command sent: the operator's reply to the current observation
+        comes after it. None elsewhere (a realtime operator's newest command is the one to use)."""
+        config = getattr(self.env, "config", None)
+        if not self._heard or getattr(config, "sync", None) != "lockstep":
+            return None
+        return getattr(self.env, "last_command_time", None)
+
+    def _refuse(self, problem: str) -> np.ndarray:
+        self.refusals += 1
+        self.last_refusal = f"teleop command from {getattr(self.source, 'name', 'teleop')} refused: {problem}; holding"
+        self.printer(self.last_refusal)
+        return self._hold()
+
     def action(self, obs: dict[str, np.ndarray], proposed: np.ndarray) -> np.ndarray | None:
         from robofinetune.robot.teleop import SpaceMouseTeleop
 
+        # the command first: on a lockstep robot this waits for the operator's reply to this observation, and events
+        # the operator sent with it (before it) are then in too
+        command = self.source.action(obs, since=self._since())
+        self._heard = self._heard or command is not None
         self.poll()
-        command = self.source.action(obs)
+        bad = int(getattr(self.source, "bad_messages", 0))
+        dropped, self._bad_seen = bad > self._bad_seen, bad
         moving = command is not None and isinstance(self.source, SpaceMouseTeleop) and \
             bool(np.any(np.abs(np.asarray(command, np.float64)[:min(6, self.action_dim)]) > 0))
         if not (self.taken_over or moving):
             return None
+        if dropped:
+            # the operator's newest message was unusable: do not keep driving with the one before it
+            return self._refuse(getattr(self.source, "last_bad", None) or "a malformed message")
         if command is None:
             return self._hold()
         values = np.asarray(command, np.float64).reshape(-1) if np.ndim(command) else np.asarray([command], np.float64)
@@ -287,10 +331,7 @@ class TeleopIntervener(Intervener):
         elif not np.all(np.isfinite(values)):
             problem = f"contains NaN or inf ({values.tolist()})"
         if problem is not None:
-            self.refusals += 1
-            self.last_refusal = f"teleop command from {getattr(self.source, 'name', 'teleop')} refused: {problem}; holding"
-            self.printer(self.last_refusal)
-            return self._hold()
+            return self._refuse(problem)
         return values.astype(np.float32)
 
     def close(self) -> None:
@@ -341,6 +382,7 @@ def make_training_envs(task: str, num_envs: int, seed: int, intervener: str = "n
 
         robot = load_robot_config(task)
         operator = TeleopIntervener(make_teleop(teleop, robot), robot.action_dim, TerminalKeys())
+        operator.mark_ends_episode = robot.success is None   # the mark is the outcome: nothing left to wait for
         envs = make_intervened_vector_env(task, 1, seed, lambda index: operator)
         operator.source.start(envs.envs[0].unwrapped)
         if operator.keys.available:

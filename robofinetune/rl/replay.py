@@ -142,19 +142,28 @@ class ReplayBuffer:
         buffer, whose next steps the policy drove and which that buffer does not hold)."""
         self._open_streams.pop(int(stream), None)
 
-    def add_episode(self, episode: Episode, obs_keys: list[str], extra: np.ndarray | None = None) -> np.ndarray:
+    def add_episode(self, episode: Episode, obs_keys: list[str], extra: np.ndarray | None = None,
+                    states: np.ndarray | None = None) -> np.ndarray:
         """Append a whole episode. ``extra`` (T + 1, E) are per-state features appended to the flat
         observations (row t to observation t, row T to the final observation), e.g. the action a frozen base
-        policy proposes in each state for residual RL. The episode's end stops its chain. Its
-        ``step_data['is_intervention']``, when present (a dataset written by a run with interventions), flags rows."""
+        policy proposes in each state for residual RL. ``states`` (T + 1, D), when given, replace the flattened
+        observation keys (e.g. a frozen encoder's image features: images are never flattened into replay).
+        The episode's end stops its chain. Its ``step_data['is_intervention']``, when present (a dataset written
+        by a run with interventions), flags rows."""
         length = len(episode)
         if length == 0:
             return np.zeros(0, np.int64)
         missing = [key for key in obs_keys if key not in episode.observations]
         if missing:
             raise DatasetError(f"episode lacks observation keys {missing}; it has {episode.obs_keys}")
-        obs = flatten_observation(episode.observations, obs_keys)
-        next_obs = flatten_observation(episode.next_observations(), obs_keys)
+        if states is not None:
+            states = np.asarray(states, np.float32)
+            if states.shape[0] != length + 1:
+                raise ValueError(f"states must have T + 1 = {length + 1} rows, got {states.shape[0]}")
+            obs, next_obs = states[:-1], states[1:]
+        else:
+            obs = flatten_observation(episode.observations, obs_keys)
+            next_obs = flatten_observation(episode.next_observations(), obs_keys)
         if extra is not None:
             extra = np.asarray(extra, np.float32)
             if extra.shape[0] != length + 1:

@@ -27,6 +27,13 @@ def load_base_policy(base: str, task: str) -> Policy:
     if not (path / "policy.json").exists():
         raise ConfigError(f"base policy '{path}' not found (config field 'base'); train one with "
                           f"`robofinetune train bc --task={task}` and pass --base=<run>/policy")
+    from robofinetune.envs.spec import task_source_for
+
+    if task_source_for(task) is not None:
+        # a robot YAML (train residual --task=real_robot/<robot>.yaml): the base was trained for the robot's task
+        from robofinetune.envs import load_task_spec
+
+        task = load_task_spec(task).name
     return load_policy(path, device="cpu", task=task)
 
 

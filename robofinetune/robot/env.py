@@ -478,6 +478,11 @@ class RobotEnv(gymnasium.Env):
         self._end_episode()
         return dict(obs), 0.0, False, True, info
 
+    def end_episode(self) -> None:
+        """End the current episode from outside (an operator's success / failure mark on a robot without a success
+        topic): disarm the watchdog and, on a realtime robot, hold until the next reset."""
+        self._end_episode()
+
     def _end_episode(self) -> None:
         self.watchdog.disarm()
         if self._episode_active and self.config.sync != "lockstep":

@@ -354,6 +354,7 @@ class RosTopicTeleop(TeleopSource):
         self._received = -1.0
         self._events: queue.Queue[str] = queue.Queue()
         self.bad_messages = 0
+        self.last_bad: str | None = None   # why the newest dropped message was dropped (names the topic)
 
     def start(self, env: Any) -> None:
         env.transport.subscribe(self.action_topic, FLOAT64_MULTI_ARRAY, self._on_action)
@@ -362,9 +363,11 @@ class RosTopicTeleop(TeleopSource):
     def _on_action(self, message: dict[str, Any], received: float) -> None:
         try:
             values = decode_field(FLOAT64_MULTI_ARRAY, message, where=f"teleop {self.action_topic}")
-        except MessageError:
-            values = np.zeros(0)
+        except MessageError as exc:
+            self.last_bad, self.bad_messages = str(exc), self.bad_messages + 1
+            return
         if values.shape != (self.action_dim,):
+            self.last_bad = f"a message on {self.action_topic} has {values.size} values, the robot takes {self.action_dim}"
             self.bad_messages += 1
             return
         with self._cond:
