@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--render-steps", type=int, default=60)
     parser.add_argument("--dataset", default="datasets/can_image_200.hdf5")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--skip-sizes", action="store_true", help="keep dataset_mb from the last result")
     parser.add_argument("--skip-render", action="store_true", help="keep render_ms_per_step from the last result")
     args = parser.parse_args()
 
@@ -195,12 +196,18 @@ def main() -> None:
         for entry in args.variant:
             name, _, path = entry.partition("=")
             result.setdefault("variants", {})[name] = evaluate(path, args.episodes)
-        if Path(args.dataset).exists():
+        if args.skip_sizes:
+            if "dataset_mb" in previous:
+                result["dataset_mb"] = previous["dataset_mb"]
+        elif Path(args.dataset).is_file():
             result["dataset_mb"] = dataset_sizes(Path(args.dataset))
     else:
         for key in ("image_bc", "image_bc_flow", "weak_image_policy", "variants", "dataset_mb"):
             if key in previous:
                 result[key] = previous[key]
+        if "image_bc" in previous:   # say which invocation measured what was carried over
+            result["image_bc_measured_by"] = previous.get("image_bc_measured_by") or {
+                key: previous.get(key) for key in ("command", "commit", "date")}
     write_result("pixels_can.json", result)
 
 
