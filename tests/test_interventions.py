@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from robofinetune.algos.bc import BCConfig, train_bc
+from bc_common import train_pointmass_base
+
 from robofinetune.algos.residual import ResidualConfig, intervention_bc_loss, train
-from robofinetune.data.collect import collect_episodes
-from robofinetune.data.io import load_dataset, save_dataset
+from robofinetune.data.io import load_dataset
 from robofinetune.envs import load_task_spec, make_env
 from robofinetune.envs.experts import PointMassExpert
 from robofinetune.errors import CheckpointError, ConfigError
@@ -273,14 +273,8 @@ def test_teleop_and_scripted_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def pointmass_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hil_base")
-    episodes = collect_episodes("pointmass", 8, seed=0, progress=False)
-    dataset = save_dataset(episodes, folder / "demos.hdf5", env_meta={"env_name": "pointmass", "task": "pointmass"})
-    config = BCConfig(task="pointmass", dataset=str(dataset), max_steps=40, hidden_dim=32, depth=1, batch_size=64,
-                      warmup_steps=10, eval_episodes=0, checkpoint_every=10**9, accelerator="cpu")
-    run = Run.create("bc", "pointmass", config, root=folder / "runs")
-    train_bc(config, run, progress=False)
-    return run.path / "policy", dataset
+    return train_pointmass_base(tmp_path_factory.mktemp("hil_base"), demos=8, max_steps=40, hidden_dim=32, depth=1,
+                                batch_size=64, warmup_steps=10)
 
 
 def test_short_residual_run_with_the_scripted_intervener(pointmass_base, tmp_path):

@@ -48,19 +48,10 @@ def robot_yaml(folder: Path, success_topic: bool = True) -> Path:
 @pytest.fixture(scope="module")
 def pointmass_base(tmp_path_factory):
     """A small BC base and its demos (a few seconds)."""
-    from robofinetune.algos.bc import BCConfig, train_bc
-    from robofinetune.data.collect import collect_episodes
-    from robofinetune.data.io import save_dataset
-    from robofinetune.runs import Run
+    from bc_common import train_pointmass_base
 
-    folder = tmp_path_factory.mktemp("hil_ros_base")
-    dataset = save_dataset(collect_episodes("pointmass", 8, seed=0, progress=False), folder / "demos.hdf5",
-                           env_meta={"env_name": "pointmass", "task": "pointmass"})
-    config = BCConfig(task="pointmass", dataset=str(dataset), max_steps=40, hidden_dim=32, depth=1, batch_size=64,
-                      warmup_steps=10, eval_episodes=0, checkpoint_every=10**9, accelerator="cpu")
-    run = Run.create("bc", "pointmass", config, root=folder / "runs")
-    train_bc(config, run, progress=False)
-    return run.path / "policy", dataset
+    return train_pointmass_base(tmp_path_factory.mktemp("hil_ros_base"), demos=8, max_steps=40, hidden_dim=32,
+                                depth=1, batch_size=64, warmup_steps=10)
 
 
 def residual_config(robot: Path, base, teleop: str, total_env_steps: int):

@@ -182,20 +182,15 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused_at_once():
 
 
 def test_train_residual_with_ray_env_workers_writes_its_run(tmp_path):
-    from robofinetune.algos.bc import BCConfig, train_bc
-    from robofinetune.cli import main
-    from robofinetune.data.collect import collect_episodes
-    from robofinetune.data.io import save_dataset
-    from robofinetune.runs import Run
+    from bc_common import train_pointmass_base
 
-    demos = save_dataset(collect_episodes("pointmass", 6, seed=0, progress=False), tmp_path / "demos.hdf5",
-                         env_meta={"env_name": "pointmass", "task": "pointmass"})
-    bc = BCConfig(task="pointmass", dataset=str(demos), max_steps=10, hidden_dim=16, depth=1, batch_size=32,
-                  warmup_steps=2, eval_episodes=0, checkpoint_every=10**9, accelerator="cpu")
-    bc_run = Run.create("bc", "pointmass", bc, root=tmp_path / "bc")
-    train_bc(bc, bc_run, progress=False)
+    from robofinetune.cli import main
+
+    (tmp_path / "bc").mkdir()
+    base, demos = train_pointmass_base(tmp_path / "bc", demos=6, max_steps=10, hidden_dim=16, depth=1, batch_size=32,
+                                       warmup_steps=2)
     runs = tmp_path / "runs"
-    assert main(["train", "residual", "--task=pointmass", f"--base={bc_run.path / 'policy'}", f"--dataset={demos}",
+    assert main(["train", "residual", "--task=pointmass", f"--base={base}", f"--dataset={demos}",
                  f"--runs-dir={runs}", "--num-env-workers=2", "--num_envs=2", "--total_env_steps=300",
                  "--critic_hidden_dim=16", "--num_critics=2", "--actor_hidden_dim=16", "--batch_size=16",
                  "--updates_per_step=0.1", "--warmup_steps=100", "--eval_every=150", "--eval_episodes=1",

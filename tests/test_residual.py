@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from bc_common import train_pointmass_base
+
 from robofinetune.algos import residual
-from robofinetune.algos.bc import BCConfig, train_bc
 from robofinetune.algos.residual import (ResidualConfig, ResidualPolicy, ResidualPolicyConfig, label_base_actions,
                                          train)
 from robofinetune.data.collect import collect_episodes
-from robofinetune.data.io import save_dataset
 from robofinetune.envs import load_task_spec
 from robofinetune.policies import load_policy, save_policy
 from robofinetune.rl import ReplayBuffer, RunLoop, VectorRollout
@@ -22,14 +22,8 @@ from robofinetune.runs import Run
 @pytest.fixture(scope="session")
 def pointmass_base(tmp_path_factory):
     """A small, poor diffusion base on pointmass (few demos, few BC steps) and its demos."""
-    folder = tmp_path_factory.mktemp("pointmass_base")
-    episodes = collect_episodes("pointmass", 12, seed=0, progress=False)
-    dataset = save_dataset(episodes, folder / "demos.hdf5", env_meta={"env_name": "pointmass", "task": "pointmass"})
-    config = BCConfig(task="pointmass", dataset=str(dataset), max_steps=60, hidden_dim=64, depth=1, batch_size=64,
-                      warmup_steps=10, eval_episodes=0, checkpoint_every=10**9, accelerator="cpu")
-    run = Run.create("bc", "pointmass", config, root=folder / "runs")
-    train_bc(config, run, progress=False)
-    return run.path / "policy", dataset
+    return train_pointmass_base(tmp_path_factory.mktemp("pointmass_base"), demos=12, max_steps=60, hidden_dim=64,
+                                depth=1, batch_size=64, warmup_steps=10)
 
 
 def residual_policy(base):
