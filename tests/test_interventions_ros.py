@@ -65,15 +65,22 @@ def residual_config(robot: Path, base, teleop: str, total_env_steps: int):
                           teleop=teleop)
 
 
-TAKEOVER, HANDBACK, JOLT, NAN, WRONG_SIZE = 5, 16, 5, 9, 12
+TAKEOVER, HANDBACK, JOLT, NAN, WRONG_SIZE = 5, 16, 8, 10, 12
+# ROS orders messages within a topic, not across topics: the event published just before observation 5 can reach
+# the learner after observation 5's teleop command on a loaded machine (it did on a CI machine). An operator's
+# takeover is not step-synchronous on a real robot either, so the takeover and the handback may land up to
+# EVENT_LATENESS steps late; the scripted jolt and bad commands sit inside the window either way.
+EVENT_LATENESS = 2
+assert TAKEOVER + EVENT_LATENESS < JOLT < NAN < WRONG_SIZE < HANDBACK - 1
 
 
 def test_takeover_toggled_over_ros_through_the_twin(ros_master, pointmass_base, tmp_path, capsys):
     """The twin's expert plays the operator on the ROS teleop topics: takeover with observation 5, handback with
-    observation 16, a full-scale jump against the last command at 5 (over the delta limit), a NaN command at 9 and
-    a 3-value one at 12. The run's episodes show exactly steps 5..15 as the operator's; there the executed command
-    is the expert's for that observation after the delta limit (the jump cut to MAX_DELTA, the bad ones refused:
-    hold), and the policy's proposal is logged beside it; elsewhere the policy's action ran."""
+    observation 16, a full-scale jump against the last command at 8 (over the delta limit), a NaN command at 10 and
+    a 3-value one at 12. The run's episodes show one contiguous block of operator steps from 5..7 to 15..17 (the
+    event topic is not ordered with the command topic); there the executed command is the expert's for that
+    observation after the delta limit (the jump cut to MAX_DELTA, the bad ones refused: hold), and the policy's
+    proposal is logged beside it; elsewhere the policy's action ran."""
     from robofinetune.algos.residual import train
     from robofinetune.data.io import load_dataset
     from robofinetune.envs.experts import make_expert
@@ -92,9 +99,12 @@ def test_takeover_toggled_over_ros_through_the_twin(ros_master, pointmass_base, 
     expert = make_expert("pointmass")   # noise-free, a function of the observation: what the twin published
     for episode in episodes:
         flags = episode.step_data["is_intervention"]
-        # the takeover in the right steps (an episode that ended before the handback keeps it to its end)
-        expected = [TAKEOVER <= t < HANDBACK for t in range(len(episode))]
-        assert flags.tolist() == expected, np.flatnonzero(flags)
+        # the takeover in the right steps (an episode that ended before the handback keeps it to its end): one
+        # block, from the takeover's observation or up to EVENT_LATENESS steps later, to the handback's likewise
+        steps = np.flatnonzero(flags)
+        assert len(steps) and np.all(np.diff(steps) == 1), steps
+        assert TAKEOVER <= steps[0] <= TAKEOVER + EVENT_LATENESS, steps
+        assert steps[-1] == len(episode) - 1 or HANDBACK - 1 <= steps[-1] <= HANDBACK - 1 + EVENT_LATENESS, steps
         sent = episode.actions.astype(np.float64)
         proposed = episode.step_data["policy_action"].astype(np.float64)
         previous = np.concatenate([[[0.0, 0.0]], sent[:-1]])     # the safety layer starts from the hold action
@@ -119,7 +129,7 @@ def test_takeover_toggled_over_ros_through_the_twin(ros_master, pointmass_base, 
     assert "refused: contains NaN" in err and "holding" in err
     assert "refused: a message on /pointmass/teleop/action has 3 values, the robot takes 2" in err
     assert any(len(episode) > HANDBACK for episode in episodes)   # the handback itself was exercised
-    assert summary["takeovers"] >= 1 and summary["operator_steps"] >= HANDBACK - TAKEOVER
+    assert summary["takeovers"] >= 1 and summary["operator_steps"] >= HANDBACK - TAKEOVER - EVENT_LATENESS
 
 
 class OperatorAtTerminal:
