@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from common import RESULTS, provenance, write_result
 
@@ -138,9 +139,25 @@ def evaluate(policy_path: str, episodes: int) -> dict:
         "cameras": [key[: -len("_image")] for key in image_keys],
         "image_size": list(policy.config.obs_shapes[image_keys[0]][:2]) if image_keys else None,
         "state_keys": [key for key in policy.config.obs_shapes if not key.endswith("_image")],
-        "train_seconds": meta.get("train_seconds"), "train_steps": meta.get("train_steps"),
+        **training_totals(meta),
         "latency_ms_per_chunk": chunk_latency_ms(policy),
     }
+
+
+def training_totals(meta: dict) -> dict:
+    """Training steps and seconds of a policy and of the policies it was started from (``--init-policy``)."""
+    from robofinetune.algos.bc import initial_training
+
+    prior = {key: meta[key] for key in ("init_policy", "prior_train_steps", "prior_train_seconds") if key in meta}
+    run_config = Path(meta.get("run", "")) / "config.yaml"
+    if not prior and run_config.is_file():   # a run trained before its card recorded the lineage
+        init_policy = (yaml.safe_load(run_config.read_text()) or {}).get("init_policy")
+        prior = initial_training(init_policy) if init_policy else {}
+    steps, seconds = meta.get("train_steps"), meta.get("train_seconds")
+    if not prior or steps is None or seconds is None:
+        return {"train_seconds": seconds, "train_steps": steps}
+    return {"train_seconds": seconds + prior["prior_train_seconds"], "train_steps": steps + prior["prior_train_steps"],
+            "started_from": prior["init_policy"], "this_run_train_seconds": seconds, "this_run_train_steps": steps}
 
 
 def dataset_sizes(dataset: Path) -> dict[str, float]:

@@ -90,3 +90,53 @@ def test_resume_continues_from_the_last_checkpoint(pointmass_demos, tmp_path):
     assert main(["train", "bc", f"--resume={run}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_steps"] == 60
+
+
+def first_losses(run: Path, count: int = 5) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["train/loss"] for row in rows if "train/loss" in row][:count]
+    assert len(losses) == count, rows
+    return float(sum(losses) / count)
+
+
+def test_init_policy_starts_from_a_trained_policy_and_refuses_another_network(pointmass_demos, tmp_path):
+    """``--init_policy`` (train a finished run longer): the new run starts at the trained policy's loss, not at a fresh
+    network's, and a policy built with another network or of another type is refused naming the field."""
+    from robofinetune.algos.bc import BCConfig, build_policy, load_initial_weights
+    from robofinetune.envs import load_task_spec
+    from robofinetune.errors import ConfigError
+
+    common = ["train", "bc", "--task=pointmass", f"--dataset={pointmass_demos}", "--hidden-dim=32", "--depth=1",
+              "--eval-episodes=0", "--checkpoint-every=1000", "--log-every=1", "--warmup-steps=1"]
+    assert main([*common, f"--runs-dir={tmp_path / 'trained'}", "--max-steps=400", "--learning-rate=1e-3"]) == 0
+    trained = next((tmp_path / "trained").iterdir())
+    assert main([*common, f"--runs-dir={tmp_path / 'fresh'}", "--max-steps=5"]) == 0
+    assert main([*common, f"--runs-dir={tmp_path / 'longer'}", "--max-steps=5",
+                 f"--init-policy={trained / 'policy'}", "--n-action-steps=2"]) == 0
+    fresh, longer = next((tmp_path / "fresh").iterdir()), next((tmp_path / "longer").iterdir())
+    assert first_losses(longer) < 0.5 * first_losses(fresh), (first_losses(longer), first_losses(fresh))
+    card = load_policy(longer / "policy", device="cpu").checkpoint_metadata   # the lineage is on the new card
+    assert card["init_policy"] == str(trained / "policy") and card["prior_train_steps"] == 400
+    assert card["prior_train_seconds"] > 0 and card["train_steps"] == 5
+    # the weights are copied exactly (normalizers included)
+    import dataclasses
+
+    import yaml
+
+    spec = load_task_spec("pointmass")
+    saved = {key: value for key, value in yaml.safe_load((trained / "config.yaml").read_text()).items()
+             if key in {field.name for field in dataclasses.fields(BCConfig)}}
+    config = BCConfig(**{**saved, "init_policy": str(trained / "policy")})
+    policy = build_policy(config, spec)
+    load_initial_weights(policy, config)
+    reference = load_policy(trained / "policy", device="cpu").state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in policy.state_dict().items())
+    with pytest.raises(ConfigError, match=r"init_policy.*hidden_dim: 32 there, 64 here"):
+        wider = dataclasses.replace(config, hidden_dim=64)
+        load_initial_weights(build_policy(wider, spec), wider)
+    with pytest.raises(ConfigError, match=r"init_policy.*is a DiffusionPolicy.*FlowPolicy"):
+        flow = dataclasses.replace(config, policy="flow")
+        load_initial_weights(build_policy(flow, spec), flow)
+    with pytest.raises(ConfigError, match=r"init_policy.*does not exist"):
+        missing = dataclasses.replace(config, init_policy=str(tmp_path / "nowhere"))
+        load_initial_weights(build_policy(missing, spec), missing)

@@ -844,3 +844,30 @@ def test_ogpo_updates_run_on_cuda_reproducibly_and_checkpoint_to_the_cpu():
     on_cpu.load_learner_state(state)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(first.parameters(), on_cpu.parameters()))
     critic_update(on_cpu, TransitionBatch(*(torch.zeros(shape) for shape in [(4, 12), (4, 4), (4,), (4,), (4, 12)])))
+
+
+def test_ogpo_probe_command_logs_trains_and_measures_each_critic(poor_base, tmp_path, capsys):
+    """``robofinetune ogpo-probe`` end to end at toy scale on pointmass: the base's episodes are split into training
+    and held-out ones, each named critic recipe is trained and measured, and the JSON holds the issue's fields."""
+    from robofinetune.cli import main
+    from robofinetune.paths import configs_dir
+
+    base, _ = poor_base
+    small = tmp_path / "small_critic.yaml"
+    import yaml
+
+    small.write_text(yaml.safe_dump({"critic_hidden_dim": 16, "critic_batch_size": 32, "num_critics": 2}))
+    out = tmp_path / "probe.json"
+    assert main(["ogpo-probe", "--task=pointmass", f"--base={base}",
+                 f"--critic=preset={configs_dir() / 'ogpo' / 'pointmass.yaml'}", f"--critic=small={small}", "--episodes=6",
+                 "--train-episodes=4", "--td-steps=30", "--group-size=4", "--probe-states=20", "--num-envs=1",
+                 f"--out={out}"]) == 0
+    result = json.loads(out.read_text())
+    assert result["episodes"]["train"] == 4 and result["episodes"]["held_out"] == 2 and result["td_steps"] == 30
+    assert set(result["critics"]) == {"preset", "small"}
+    for measures in result["critics"].values():
+        assert set(measures) >= {"auc", "active_fraction", "group_q_std"}
+        assert 0.0 <= measures["active_fraction"] <= 1.0 and measures["group_q_std"] >= 0.0
+        assert measures["probe_states"] == 20
+    assert result["critics"]["small"]["critic"].endswith("x 16")
+    assert "held-out" in capsys.readouterr().out

@@ -97,3 +97,19 @@ def test_keeping_only_some_cameras_drops_the_others(tmp_path, live_episode):
     (episode,), _ = load_dataset(output)
     assert "agentview_image" not in episode.observations
     assert np.array_equal(episode.observations["robot0_eye_in_hand_image"], live.observations["robot0_eye_in_hand_image"])
+
+
+def test_worker_processes_give_the_same_episodes_in_order(live_episode):
+    """Two worker processes (forkserver, ``robofinetune.data.workers``) hand the episodes back in the order given,
+    each rendered as one process renders it."""
+    spec, live = live_episode
+    whole = state_only(live)
+    short = Episode(observations={key: value[:5] for key, value in whole.observations.items()},
+                    actions=whole.actions[:5], final_observation=dict(whole.final_observation),
+                    states=whole.states[:5], metadata={"seed": 3})
+    parallel = render_episodes([whole, short, whole], spec, "demo.hdf5", num_workers=2)
+    (alone,) = render_episodes([short], spec, "demo.hdf5", num_workers=1)
+    assert [len(episode) for episode in parallel] == [STEPS, 5, STEPS]
+    for key in alone.observations:
+        assert np.array_equal(parallel[1].observations[key], alone.observations[key]), key
+        assert np.array_equal(parallel[0].observations[key], parallel[2].observations[key]), key

@@ -5,15 +5,11 @@ a kill -9 (the same checks without ROS are in tests/test_robot_images.py)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from test_robot_images import POINTMASS_IMAGE, image_policy
-from test_robot_ros import Twin
+from test_robot_ros import Twin, record_then_kill9
 
 from robofinetune.robot.transport import ros_available
 
@@ -92,20 +88,8 @@ def test_image_recorder_kill9_loses_at_most_the_episode_in_progress(ros_master, 
     from robofinetune.data.io import load_dataset
 
     output = tmp_path / ("demos.hdf5" if fmt == "robomimic" else "demos_lerobot")
-    command = [sys.executable, "-m", "robofinetune.robot.cli", "record", f"--robot={POINTMASS_IMAGE}",
-               "--teleop=ros-topic", f"--output={output}", f"--format={fmt}", "--episodes=50", "--no-status"]
     with Twin(POINTMASS_IMAGE, "--expert-teleop"):
-        recorder = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        saved, deadline = [], time.monotonic() + 120
-        for line in recorder.stdout:
-            if line.startswith("saved episode"):
-                saved.append(line)
-                if len(saved) == 2:
-                    break
-            assert time.monotonic() < deadline, "the recorder saved nothing"
-        time.sleep(0.5)  # into the next episode
-        recorder.send_signal(signal.SIGKILL)
-        recorder.wait(10)
+        saved = record_then_kill9(output, fmt, robot=POINTMASS_IMAGE, into_next=0.5)   # into the next episode
     episodes, env_meta = load_dataset(output)
     assert len(episodes) == len(saved) == 2 and env_meta["task"] == "pointmass_image"
     for episode in episodes:

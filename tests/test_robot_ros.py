@@ -467,12 +467,30 @@ def test_recorder_with_ros_topic_teleop_events_and_bc_on_the_result(ros_master, 
     assert summary["demos"] == 2 and (run.path / "policy" / "policy.json").exists()
 
 
-def _record(output: Path, fmt: str, episodes: int, resume: bool = False) -> subprocess.Popen:
+def _record(output: Path, fmt: str, episodes: int, resume: bool = False, robot: Path = LOCKSTEP) -> subprocess.Popen:
     # `robofinetune record` without the top-level CLI's start-up (it imports every training method)
-    command = [sys.executable, "-m", "robofinetune.robot.cli", "record", f"--robot={LOCKSTEP}", "--teleop=ros-topic",
+    command = [sys.executable, "-m", "robofinetune.robot.cli", "record", f"--robot={robot}", "--teleop=ros-topic",
                f"--output={output}", f"--format={fmt}", f"--episodes={episodes}", "--no-status"]
     return subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def record_then_kill9(output: Path, fmt: str, robot: Path = LOCKSTEP, saved_before_kill: int = 2,
+                      into_next: float = 0.6) -> list[str]:
+    """Record from a running twin until ``saved_before_kill`` episodes are reported saved, let the next episode run
+    ``into_next`` seconds, then SIGKILL the recorder; returns its "saved episode" lines."""
+    recorder = _record(output, fmt, episodes=50, robot=robot)
+    saved, deadline = [], time.monotonic() + 120
+    for line in recorder.stdout:
+        if line.startswith("saved episode"):
+            saved.append(line)
+            if len(saved) == saved_before_kill:
+                break
+        assert time.monotonic() < deadline, "the recorder saved nothing"
+    time.sleep(into_next)
+    recorder.send_signal(signal.SIGKILL)
+    recorder.wait(10)
+    return saved
 
 
 @pytest.mark.parametrize("fmt", ["robomimic", "lerobot"])
@@ -481,18 +499,7 @@ def test_recorder_kill9_loses_at_most_the_episode_in_progress_and_resumes(ros_ma
 
     output = tmp_path / ("demos.hdf5" if fmt == "robomimic" else "demos_lerobot")
     with Twin(LOCKSTEP, "--expert-teleop"):
-        recorder = _record(output, fmt, episodes=50)
-        saved = []
-        deadline = time.monotonic() + 120
-        for line in recorder.stdout:
-            if line.startswith("saved episode"):
-                saved.append(line)
-                if len(saved) == 2:
-                    break
-            assert time.monotonic() < deadline, "the recorder saved nothing"
-        time.sleep(0.6)  # well into the next episode (~1.5 s at 20 Hz)
-        recorder.send_signal(signal.SIGKILL)
-        recorder.wait(10)
+        saved = record_then_kill9(output, fmt, into_next=0.6)   # well into the next episode (~1.5 s at 20 Hz)
         episodes, _ = load_dataset(output)  # opens cleanly, with every episode reported saved
         assert len(episodes) == len(saved) == 2
         assert all(e.success for e in episodes)

@@ -30,6 +30,9 @@ class BCConfig:
     num_demos: int = 0                 # use the first N demos (0 = all)
     only_success: bool = True          # train on successful demos only
     seed: int = 0
+    # a trained policy folder to start from (train a finished run longer, or fine-tune it on new demos): same policy
+    # type and network, same observation keys and shapes; its weights and normalizers are kept, the schedule restarts
+    init_policy: str = ""
     # policy shape
     n_obs_steps: int = 2
     horizon: int = 8
@@ -159,9 +162,12 @@ def train_bc(config: BCConfig, run: Run, resume: bool = False, progress: bool = 
                                  source=str(dataset_path))
     policy = build_policy(config, spec)
     policy.set_normalizers(windows.flat_observations(), windows.actions)
-    module = BCModule(policy, config)
     metadata = {"task": config.task, "dataset": str(dataset_path), "demos": len(episodes), "run": str(run.path),
                 "made_by": f"robofinetune train bc --task={config.task} --policy={config.policy}"}
+    if config.init_policy:
+        load_initial_weights(policy, config)   # before the EMA copy is made
+        metadata.update(initial_training(config.init_policy))
+    module = BCModule(policy, config)
     batches_per_epoch = max(1, min(1000, len(windows) // config.batch_size))
     loader = torch.utils.data.DataLoader(RandomBatches(windows, config.batch_size, batches_per_epoch, config.seed),
                                          batch_size=None)
@@ -173,6 +179,45 @@ def train_bc(config: BCConfig, run: Run, resume: bool = False, progress: bool = 
     if not trainer.is_global_zero:
         return summary
     return export_and_evaluate(module.ema_policy.eval(), run, config, metadata, summary, progress)
+
+
+# what may differ between init_policy and the policy being trained: how a chunk is executed and sampled, not what
+# the network is
+INIT_MAY_DIFFER = ("n_action_steps", "inference_steps", "sampler", "augmentation", "shift_pad", "crop_fraction")
+
+
+def initial_training(policy_path: str | Path) -> dict[str, Any]:
+    """What training a policy started from (``init_policy``) already had, so the new policy's card can state the
+    whole: its folder, and the steps and seconds of every run in its lineage."""
+    from robofinetune.policies.checkpoint import read_policy_document
+
+    metadata = read_policy_document(policy_path).get("metadata", {})
+    return {"init_policy": str(policy_path),
+            "prior_train_steps": int(metadata.get("prior_train_steps", 0)) + int(metadata.get("train_steps") or 0),
+            "prior_train_seconds": float(metadata.get("prior_train_seconds", 0.0))
+            + float(metadata.get("train_seconds") or 0.0)}
+
+
+def load_initial_weights(policy: GenerativePolicy, config: BCConfig) -> None:
+    """Copy ``config.init_policy``'s weights and normalizers into ``policy``, refusing one built differently."""
+    from dataclasses import asdict
+
+    from robofinetune.policies import load_policy
+
+    path = Path(config.init_policy)
+    if not path.exists():
+        raise ConfigError(f"config field 'init_policy': {path} does not exist (a policy folder, e.g. <run>/policy)")
+    initial = load_policy(path, device="cpu")
+    if type(initial) is not type(policy):
+        raise ConfigError(f"config field 'init_policy': {path} is a {type(initial).__name__}, this run trains a "
+                          f"{type(policy).__name__} (policy: {config.policy})")
+    wanted, found = asdict(policy.config), asdict(initial.config)
+    different = {key: (found.get(key), value) for key, value in wanted.items()
+                 if key not in INIT_MAY_DIFFER and found.get(key) != value}
+    if different:
+        fields = ", ".join(f"{key}: {have!r} there, {want!r} here" for key, (have, want) in different.items())
+        raise ConfigError(f"config field 'init_policy': {path} was built differently ({fields})")
+    policy.load_state_dict(initial.state_dict())
 
 
 # The CLI looks for these two names in every training method's module.

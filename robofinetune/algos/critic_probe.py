@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from robofinetune.algos.chain_rl import (ChunkedActor, ChunkTransition, chain_of, critic_observation, executed_chunk,
                                          sampling_generator)
@@ -79,7 +80,7 @@ class LoggedEpisode:
 
 
 def log_episodes(config: OGPOConfig, policy, chain_steps: int, episodes: int, num_envs: int,
-                 seed: int) -> list[LoggedEpisode]:
+                 seed: int, progress: bool = True) -> list[LoggedEpisode]:
     """``episodes`` whole episodes of the policy's stochastic chain (raw 0/1 rewards), in the order they end."""
     from robofinetune.envs import make_vector_env
 
@@ -89,6 +90,7 @@ def log_episodes(config: OGPOConfig, policy, chain_steps: int, episodes: int, nu
                          generator=sampling_generator(policy.device, seed))
     running: list[list[ChunkTransition]] = [[] for _ in range(num_envs)]
     logged: list[LoggedEpisode] = []
+    bar = tqdm(total=episodes, desc="logging the base's episodes", unit="episode", disable=not progress)
     try:
         actor.reset(seed=seed)
         while len(logged) < episodes:
@@ -98,7 +100,9 @@ def log_episodes(config: OGPOConfig, policy, chain_steps: int, episodes: int, nu
                 if chunk.terminated or chunk.truncated:
                     logged.append(LoggedEpisode(running[chunk.env_index], bool(chunk.terminated)))
                     running[chunk.env_index] = []
+                    bar.update(min(1, episodes - bar.n))
     finally:
+        bar.close()
         envs.close()
     return logged[:episodes]
 
@@ -123,8 +127,8 @@ def _buffer(rows: dict[str, np.ndarray], streams: np.ndarray, seed: int) -> Repl
     return buffer
 
 
-def train_critic(config: OGPOConfig, policy, chain_steps: int, train: list[LoggedEpisode], td_steps: int
-                 ) -> OGPOLearner:
+def train_critic(config: OGPOConfig, policy, chain_steps: int, train: list[LoggedEpisode], td_steps: int,
+                 name: str = "", progress: bool = True) -> OGPOLearner:
     """TD steps of ``config``'s critic recipe on the logged training episodes (and demos, success rows)."""
     chain = chain_of(config, chain_steps)
     learner = OGPOLearner(config, policy, chain_steps, chain)
@@ -155,7 +159,8 @@ def train_critic(config: OGPOConfig, policy, chain_steps: int, train: list[Logge
         cache.fill(np.arange(len(cache.buffer)), learner.sampler, chain_steps, chain=chain,
                    generator=learner.sampling_generator)
     # replay rows stay on the CPU; each TD batch moves to the learner's (the policy's) device
-    for _ in range(td_steps):
+    for _ in tqdm(range(td_steps), desc=f"TD steps ({name})" if name else "TD steps", unit="step",
+                  disable=not progress, mininterval=2.0):
         batch, next_actions = sample_critic_batch(buffers["offline"], buffers["online"], caches, config, gamma_chunk,
                                                   learner.device)
         critic_update(learner, batch, next_actions)
@@ -193,7 +198,7 @@ def measure_critic(learner: OGPOLearner, held_out: list[LoggedEpisode], group_si
 
 def run_probe(task: str, critics: dict[str, str], base: str = "", episodes: int = 120, train_episodes: int = 80,
               td_steps: int = 5000, group_size: int = 8, max_states: int = 400, num_envs: int = 2, seed: int = 0,
-              log_config: str | None = None, device: str = "") -> dict[str, Any]:
+              log_config: str | None = None, device: str = "", progress: bool = True) -> dict[str, Any]:
     """Log once with ``log_config``'s chain (default: the first critic's preset), then train and measure each
     critic recipe (name -> preset YAML) on the same episodes. ``device`` (auto, cpu, cuda, cuda:N) overrides the
     presets' (default auto: CUDA when present)."""
@@ -213,7 +218,7 @@ def run_probe(task: str, critics: dict[str, str], base: str = "", episodes: int 
     started = time.time()
     policy, chain_steps = prepare_policy(log_with)
     policy.eval()
-    logged = log_episodes(log_with, policy, chain_steps, episodes, num_envs, seed=300_000 + seed)
+    logged = log_episodes(log_with, policy, chain_steps, episodes, num_envs, seed=300_000 + seed, progress=progress)
     train, held_out = logged[:train_episodes], logged[train_episodes:]
     result: dict[str, Any] = {
         "task": task, "base": log_with.base, "chain": {"steps": chain_steps, "noise": log_with.chain_noise},
@@ -224,7 +229,7 @@ def run_probe(task: str, critics: dict[str, str], base: str = "", episodes: int 
     for name, config in configs.items():
         torch.manual_seed(seed)
         critic_policy, critic_chain_steps = prepare_policy(config)
-        learner = train_critic(config, critic_policy, critic_chain_steps, train, td_steps)
+        learner = train_critic(config, critic_policy, critic_chain_steps, train, td_steps, name, progress)
         measures = measure_critic(learner, held_out, group_size, max_states, seed)
         result["critics"][name] = {**measures, "preset": critics[name],
                                    "critic": f"{config.num_critics} x {config.critic_depth} x {config.critic_hidden_dim}",

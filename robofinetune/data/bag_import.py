@@ -103,6 +103,9 @@ class BagReport:
     observation_age_ms: dict[str, float | None] = field(default_factory=dict)
     success_known: bool = True
     notes: list[str] = field(default_factory=list)
+    # per episode (in the order returned), the age in ms of the oldest observation key at each step's tick: what
+    # observation_age_ms summarises, for figures over a subset of the episodes
+    tick_ages_ms: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         success = f"{self.successes} successful" if self.success_known else "success unknown"
@@ -652,6 +655,7 @@ def read_bag(bag: str | os.PathLike, robot: Any, options: BagOptions | None = No
         report.actions_out_of_range += int(np.sum(np.any(np.abs(actions) > 1.0 + 1e-6, axis=1)))
         ages = oldest[steps]
         ages_all.append(ages)
+        report.tick_ages_ms.append(ages / 1e6)
         metadata: dict[str, Any] = {
             "source": "rosbag", "bag": str(bag), "start_time_s": (int(ticks[steps[0]]) - bag_start) / NS,
             "ticks": ticks_mode, "dropped_ticks": dropped,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import warnings
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,6 +11,7 @@ from tqdm.auto import tqdm
 
 from robofinetune import logs
 from robofinetune.data.episode import Episode
+from robofinetune.data.workers import default_worker_processes, ordered_results, worker_pool
 from robofinetune.envs import TaskSpec, load_task_spec, make_env
 from robofinetune.envs.experts import make_expert
 from robofinetune.errors import ConfigError
@@ -25,7 +22,7 @@ SOURCES = ("scripted",)
 
 def default_collect_envs() -> int:
     """Env processes ``collect`` uses by default: two where the machine has two cores (one per core otherwise)."""
-    return max(1, min(2, os.cpu_count() or 1))
+    return default_worker_processes()
 
 
 def collect_episodes(
@@ -114,26 +111,18 @@ class _ParallelAttempts:
 
     Attempts are submitted in order, at most two per worker ahead of the one being waited for, and yielded in
     order, so the caller sees exactly what :class:`_SerialAttempts` gives; once the caller stops, attempts not
-    started are cancelled. Workers start with ``forkserver`` (``spawn`` where it does not exist), never ``fork``:
-    a forked child of a process holding an EGL context or torch's thread pool can hang.
+    started are cancelled (``robofinetune.data.workers``).
     """
 
     def __init__(self, spec: TaskSpec, noise: float, seed: int, max_attempts: int, num_envs: int) -> None:
         self.spec, self.noise, self.seed, self.max_attempts = spec, noise, seed, max_attempts
         self.num_envs = max(1, min(num_envs, max_attempts))
         self.log_settings = logs.snapshot()  # the forkserver may predate the current settings: pass them on
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        self.executor = ProcessPoolExecutor(self.num_envs, mp_context=multiprocessing.get_context(method))
+        self.executor = worker_pool(self.num_envs)
 
     def __iter__(self) -> Iterator[Episode]:
-        pending: deque[Future] = deque()
-        submitted = 0
-        while submitted < self.max_attempts or pending:
-            while submitted < self.max_attempts and len(pending) < 2 * self.num_envs:
-                pending.append(self.executor.submit(_worker_episode, self.spec, self.noise, self.seed + submitted,
-                                                    self.log_settings))
-                submitted += 1
-            yield pending.popleft().result()
+        return ordered_results(self.executor, self.num_envs, self.max_attempts,
+                               lambda k: (_worker_episode, (self.spec, self.noise, self.seed + k, self.log_settings)))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -17,10 +17,6 @@ Episodes are rendered in worker processes, one env each, and written in their or
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +24,7 @@ import numpy as np
 
 from robofinetune import logs
 from robofinetune.data.episode import Episode
+from robofinetune.data.workers import default_worker_processes, ordered_results, worker_pool
 from robofinetune.errors import DatasetError
 from robofinetune.images import is_image_key
 
@@ -40,10 +37,6 @@ def needs_rendering(episodes: list[Episode], task_spec: Any) -> list[str]:
     image_keys = [key for key in task_spec.obs_keys if is_image_key(key)]
     present = set(episodes[0].obs_keys) if episodes else set()
     return [key for key in image_keys if key not in present]
-
-
-def default_render_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
 
 
 def render_episodes(
@@ -62,7 +55,7 @@ def render_episodes(
                 f"needs the MuJoCo state before each action (datasets written by `robofinetune collect` on a "
                 f"robosuite task have them)"
             )
-    workers = max(1, min(num_workers or default_render_workers(), len(episodes)))
+    workers = max(1, min(num_workers or default_worker_processes(), len(episodes)))
     rendered: list[Episode] = []
     if workers == 1:
         from robofinetune.envs import make_env
@@ -77,18 +70,11 @@ def render_episodes(
         finally:
             env.close()
         return rendered
-    # forkserver, never fork: a forked child of a process holding an EGL context can hang (see data/collect.py)
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    log_settings = logs.snapshot()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as executor:
-        pending: deque[Future] = deque()
-        submitted = 0
-        while submitted < len(episodes) or pending:
-            while submitted < len(episodes) and len(pending) < 2 * workers:
-                pending.append(executor.submit(_worker_render, task, episodes[submitted],
-                                               f"{source}: episode {submitted}", log_settings))
-                submitted += 1
-            rendered.append(pending.popleft().result())
+    log_settings = logs.snapshot()   # the forkserver may predate the current settings: pass them on
+    with worker_pool(workers) as pool:
+        for episode in ordered_results(pool, workers, len(episodes), lambda k: (
+                _worker_render, (task, episodes[k], f"{source}: episode {k}", log_settings))):
+            rendered.append(episode)
             if progress is not None:
                 progress(len(rendered), len(episodes))
     return rendered
