@@ -193,6 +193,11 @@ def main() -> None:
     parser.add_argument("--render-steps", type=int, default=60)
     parser.add_argument("--dataset", default="datasets/can_image_200.hdf5")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--keep-variants", action="store_true",
+                        help="carry over the last result's variants that this run does not evaluate again (their "
+                             "policy folders may be gone), each with the invocation that measured it")
+    parser.add_argument("--previous-as", metavar="NAME",
+                        help="keep the last result's image_bc as variant NAME (when --diffusion is a longer run of it)")
     parser.add_argument("--skip-sizes", action="store_true", help="keep dataset_mb from the last result")
     parser.add_argument("--skip-render", action="store_true", help="keep render_ms_per_step from the last result")
     args = parser.parse_args()
@@ -210,6 +215,12 @@ def main() -> None:
             result["image_bc_flow"] = evaluate(args.flow, args.episodes)
         if args.weak:
             result["weak_image_policy"] = evaluate(args.weak, args.weak_episodes)
+        measured_by = {key: previous.get(key) for key in ("command", "commit", "date")}
+        if args.keep_variants:
+            for name, variant in previous.get("variants", {}).items():
+                result.setdefault("variants", {})[name] = {"measured_by": measured_by, **variant}
+        if args.previous_as and "image_bc" in previous:
+            result.setdefault("variants", {})[args.previous_as] = {"measured_by": measured_by, **previous["image_bc"]}
         for entry in args.variant:
             name, _, path = entry.partition("=")
             result.setdefault("variants", {})[name] = evaluate(path, args.episodes)

@@ -22,6 +22,27 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (f"ROBOFINETUNE_REQUIRE_ROS is set but this ROS test was skipped: {reason}")
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs, no dashboard) for every Ray test of the session: starting Ray takes seconds."""
+    ray = pytest.importorskip("ray", reason="Ray env workers need `pip install 'robofinetune[ray]'`")
+    try:
+        for attempt in range(3):
+            try:
+                ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 1024 * 1024,
+                         log_to_driver=False)
+                break
+            except Exception:
+                # Ray gives its raylet a fixed 30 s to register; on a loaded machine that can pass: try again,
+                # with no raylet of the failed start left behind
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Env workers as Ray actors (robofinetune.distributed): the subprocess vector env's episodes, a killed worker
 restarted without losing or repeating delivered transitions, and ``train residual --num-env-workers``.
 
-One local Ray (2 CPUs, no dashboard) serves the whole module: starting Ray takes seconds."""
+One local Ray (2 CPUs, no dashboard, tests/conftest.py) serves the whole session: starting Ray takes seconds."""
 
 from __future__ import annotations
 
@@ -19,13 +19,8 @@ from robofinetune.envs import make_vector_env  # noqa: E402
 from robofinetune.rl import VectorRollout  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    try:   # shut down even when init fails half way (on a loaded machine it can time out): no raylet left behind
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 1024 * 1024, log_to_driver=False)
-        yield
-    finally:
-        ray.shutdown()
+# the session's local Ray (tests/conftest.py), shared with the other Ray test modules
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def run_steps(envs, actions, reset_seed):

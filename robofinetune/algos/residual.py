@@ -10,7 +10,9 @@
     actor update     every 2nd critic update: maximise mean_h Q_h(x, clip(b + r(x))); Polyak 0.005
     warm-up          first ``warmup_steps`` env steps: base + uniform noise acts, only the critic learns
 
-The update step is :func:`td3_update`; the loop is :func:`train`.
+The update step is :func:`td3_update`; the loop is :func:`train`; one acting step (base + residual + noise, the
+env step, the replay row) is :class:`robofinetune.rl.residual_acting.ResidualActing`, which the Ray policy workers
+(``--num-env-workers=N --rollout-in-workers``, :mod:`robofinetune.distributed.policy_workers`) run as well.
 
 Interventions (HIL-SERL; ``--intervener=scripted`` in sim, ``--teleop=keyboard|spacemouse|ros-topic`` on a
 robot; :mod:`robofinetune.rl.interventions`). While someone else drives, the executed action a_h is theirs and the
@@ -75,6 +77,7 @@ from robofinetune.policies.checkpoint import default_device
 from robofinetune.policies.base import Policy
 from robofinetune.rl.features import BASE_ENCODER, FrozenFeatures, observation_encoder_of, replay_row_bytes
 from robofinetune.rl.learner import CheckpointedLearner
+from robofinetune.rl.residual_acting import ResidualActing
 from robofinetune.rl.setup import base_path, load_base_policy, load_demo_episodes
 from robofinetune.rl import (CriticEnsemble, HeadGroups, ReplayBuffer, RunLoop, TransitionBatch, VectorRollout,
                              mlp, polyak_update, random_head_subset, sample_symmetric)
@@ -93,6 +96,11 @@ class ResidualConfig:
     num_envs: int = 2                 # env processes; the learner overlaps its updates with their stepping
     num_env_workers: int = 0          # > 0: the envs run in this many Ray actors (robofinetune/distributed); 0: local
     ray_address: str = ""             # with num_env_workers: "" starts a local Ray, "auto" / "ray://host:port" joins one
+    # with num_env_workers: the Ray workers also run the policy (base + residual + exploration noise) and send
+    # replay rows; the learner only learns (robofinetune/distributed/policy_workers.py)
+    rollout_in_workers: bool = False
+    weights_every: int = 10           # rollout_in_workers: the actor's weights go to the workers every this many updates
+    worker_steps: int = 8             # rollout_in_workers: vector steps a worker runs per call (one batch to the learner)
     # residual actor. ResFiT: action_scale 0.1, exploration std 0.05, zero-initialised last layer.
     action_scale: float = 0.1
     actor_hidden_dim: int = 256
@@ -340,6 +348,24 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"config field 'device' is {name!r}: {error}") from error
 
 
+def check_rollout_in_workers(config: ResidualConfig) -> None:
+    """ConfigError for what the policy workers do not carry: they need Ray env workers, and neither the
+    interventions (a scripted intervener or a teleop operator sit beside the env) nor the training-episode
+    dataset (it needs the raw observations, which workers do not send) run in them yet."""
+    if config.num_env_workers < 1:
+        raise ConfigError("config field 'rollout_in_workers' needs Ray env workers: set 'num_env_workers' >= 1")
+    if config.intervener != "none" or config.teleop:
+        raise ConfigError("config field 'rollout_in_workers' cannot be combined with 'intervener' or 'teleop' yet: "
+                          "run interventions with rollout_in_workers=false")
+    if config.episodes_format not in ("", "none"):
+        raise ConfigError(f"config field 'rollout_in_workers' cannot be combined with episodes_format="
+                          f"{config.episodes_format!r} yet (the workers send replay rows, not observations): "
+                          f"use episodes_format=none")
+    if config.weights_every < 1 or config.worker_steps < 1:
+        raise ConfigError(f"config fields 'weights_every' and 'worker_steps' must be >= 1, got "
+                          f"{config.weights_every} and {config.worker_steps}")
+
+
 def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
     """One critic update (and, if ``update_actor``, one actor update) on a batch of n-step transitions whose
     observations are RL states (s, b) and whose actions are the executed ones. The ensemble's heads are
@@ -481,6 +507,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     if config.num_envs < 1 or config.total_env_steps < 1:
         raise ConfigError("config fields 'num_envs' and 'total_env_steps' must be >= 1")
+    if config.rollout_in_workers:
+        check_rollout_in_workers(config)   # before the minutes of demo labelling and the base's evaluation
     torch.set_num_threads(max(1, config.torch_threads))
     _seed_everything(config.seed)
     spec = load_task_spec(config.task)
@@ -575,7 +603,20 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                                           handback_on_subgoal=config.handback_on_subgoal,
                                           min_takeover_steps=config.min_takeover_steps,
                                           expert_noise=config.intervener_noise)
-    if config.num_env_workers > 0:
+    ray_rollout = None
+    if config.rollout_in_workers:
+        from robofinetune.distributed.policy_workers import RayPolicyRollout
+
+        actor_kwargs = {"obs_dim": policy.actor.obs_dim, "action_dim": action_dim, "hidden_dim": config.actor_hidden_dim,
+                        "depth": config.actor_depth, "layer_norm": config.layer_norm,
+                        "action_scale": config.action_scale}
+        ray_rollout = RayPolicyRollout(config.task, config.num_envs, config.num_env_workers,
+                                       200_000 + 1_000 * config.seed, base_path(config.base, config.task), actor_kwargs,
+                                       feature_kind, config.exploration_noise, config.warmup_noise,
+                                       config.warmup_steps, config.seed, steps_per_call=config.worker_steps,
+                                       weights_every=config.weights_every, ray_address=config.ray_address or None)
+        envs, operator = None, None
+    elif config.num_env_workers > 0:
         from robofinetune.distributed.ray_envs import make_training_ray_envs
 
         envs, operator = make_training_ray_envs(config.task, config.num_envs, 200_000 + 1_000 * config.seed,
@@ -584,7 +625,9 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     else:
         envs, operator = make_training_envs(config.task, config.num_envs, 200_000 + 1_000 * config.seed,
                                             config.intervener, config.teleop, scripted)
-    rollout = VectorRollout(envs)
+    rollout = VectorRollout(envs) if envs is not None else None
+    acting = ResidualActing(rollout, base, policy.actor, features, noise_rng, config.exploration_noise,
+                            config.warmup_noise) if rollout is not None else None
     episodes_format = config.episodes_format or ("robomimic" if intervening else "none")
     episodes = None
     if episodes_format != "none":
@@ -628,132 +671,139 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             for key, value in td3_update(learner, batch, update_actor).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
             stats_count += 1
+            if ray_rollout is not None:   # every `weights_every` updates the workers get the new actor
+                ray_rollout.publish(learner.critic_updates, policy.actor)
         timing["update_seconds"] += time.perf_counter() - start
         timing["updates"] += count
 
-    try:
-        rollout.reset(seed=200_000 + 1_000 * config.seed + loop.env_steps)
-        # the base's sampling noise depends on the seed and env steps alone, not on what ran before in the process
-        base.seed_sampling(200_000 + 1_000 * config.seed + loop.env_steps)
-        base.reset()
-        base_action = np.asarray(base.select_action(rollout.obs), np.float32)
-        obs_features = features(rollout.obs)
-        loop.start()
-        window_start, window_steps = time.time(), 0
-        while not loop.finished:
-            rl_obs = np.concatenate([obs_features, base_action], axis=1)
-            warming_up = loop.env_steps < config.warmup_steps
-            if warming_up:
-                # ResFiT's warm-up: the base acts with small uniform noise while the critic learns
-                residual = noise_rng.uniform(-config.warmup_noise, config.warmup_noise, base_action.shape)
-            else:
-                with torch.no_grad():
-                    residual = policy.actor(torch.as_tensor(rl_obs, device=device)).cpu().numpy()
-                residual = residual + noise_rng.normal(0.0, config.exploration_noise, residual.shape)
-            action = np.clip(base_action + residual, -1.0, 1.0).astype(np.float32)
-            update_debt += config.updates_per_step * config.num_envs
-            updates_now = int(update_debt)
-            update_debt -= updates_now
-            transitions = rollout.step(action, while_waiting=lambda: run_updates(updates_now, not warming_up))
-            # an intervention replaced some envs' actions: learn from what was executed (module docstring)
-            executed, intervened = transitions.action, transitions.is_intervention
+    from robofinetune.distributed.weights import StalenessLog
 
-            # Base action in each next state. Where an episode was cut by the time limit the target bootstraps
-            # from its last state, so ask the base what it would do there (on a copy: its state must not leak
-            # into the next episode). Then reset the base for every env that starts a new episode: a chunked
-            # base must not continue the previous episode's queued actions (ResFiT's public code forgets this).
-            done = transitions.done
-            next_base_action = np.zeros_like(base_action)
-            if transitions.truncated.any():
-                final_actions = copy.deepcopy(base).select_action(transitions.next_obs)
-                next_base_action[transitions.truncated] = final_actions[transitions.truncated]
-            for index in np.flatnonzero(done):
-                base.reset(int(index))
-            base_action = np.asarray(base.select_action(rollout.obs), np.float32)
-            next_base_action[~done] = base_action[~done]
-            # one encoder pass per step: the next frame's features are the following step's, except where an
-            # episode ended and the env already shows the next episode's first frame
-            next_features = features(transitions.next_obs)
-            obs_features = next_features.copy()
-            if done.any():
-                obs_features[done] = features({key: np.asarray(value)[done] for key, value in rollout.obs.items()})
-            next_rl_obs = np.concatenate([next_features, next_base_action], axis=1)
-            row = (rl_obs, executed, transitions.reward.copy(), next_rl_obs, transitions.terminated.copy(),
-                   transitions.truncated.copy(), intervened)
-            if episodes is not None:
-                episodes.add(transitions.obs, executed, transitions.proposed_action, intervened, transitions.reward)
-            finished = transitions.finished
-            if marking:
-                pending.append(row)
-                if done[0]:
-                    mark = operator.take_mark()
-                    mark = operator.wait_for_mark() if mark is None else mark
-                    if mark is None:   # stopped before marking: the episode is not stored
-                        pending.clear()
-                        if episodes is not None:
-                            episodes.discard()
-                        finished = []
-                    else:
-                        last = pending[-1]
-                        last[2][0], last[4][0] = float(mark), bool(mark)   # the mark is the sparse reward
-                        for stored in pending:
-                            store(*stored)
-                        pending.clear()
-                        finished[0].success = bool(mark)
-            elif transitions.aborted is not None and transitions.aborted.any():
-                # an env worker died mid-step: its row is no transition; its replay chain ends there
-                keep = ~transitions.aborted
-                store(*(part[keep] for part in row), env_index=np.flatnonzero(keep))
-                for index in np.flatnonzero(transitions.aborted):
+    staleness_window, staleness_total = StalenessLog(), StalenessLog()
+    window = {"start": time.time(), "steps": 0}
+
+    def end_of_step(env_steps: int, finished: list) -> bool:
+        """Count the step's env steps and episodes; log, evaluate and checkpoint when due. True: stop now."""
+        nonlocal stats_count
+        loop.record(env_steps, finished)
+        window["steps"] += env_steps
+        if stats_count:
+            loop.show(q=stats_sum["q"] / stats_count, closs=stats_sum["critic_loss"] / stats_count)
+        if loop.due(config.log_every) and stats_count:
+            elapsed = max(time.time() - window["start"], 1e-9)
+            metrics = {f"train/{key}": value / stats_count for key, value in stats_sum.items()}
+            if intervening:
+                metrics.update({"train/intervention_rate": loop.intervention_rate,
+                                "train/interventions_per_episode": loop.interventions_per_episode,
+                                "train/intervened_steps": loop.intervened_steps})
+            if ray_rollout is not None:
+                recent = staleness_window.summary(reset=True)
+                metrics.update({"train/staleness_mean": recent["staleness_mean"],
+                                "train/staleness_max": recent["staleness_max"],
+                                "train/worker_restarts": ray_rollout.restarts})
+            metrics.update({"train/success_recent": loop.recent_success_rate if loop.recent_success else 0.0,
+                            "train/episodes": loop.episodes, "perf/env_steps_per_s": window["steps"] / elapsed,
+                            "perf/updates_per_s": timing["updates"] / max(timing["update_seconds"], 1e-9),
+                            "train/critic_updates": learner.critic_updates})
+            run.log(loop.env_steps, **metrics)
+            stats_sum.clear()
+            stats_count = 0
+            window["start"], window["steps"] = time.time(), 0
+        if loop.due(config.eval_every) and not loop.finished:
+            loop.evaluate(policy)
+            if gate is not None:
+                gate.consider(policy, loop.env_steps, metadata)
+        stop = operator is not None and operator.stop_requested
+        if loop.due(config.checkpoint_every) or loop.finished or stop:
+            save_checkpoint()
+        loop.end_step()
+        if stop:
+            print(f"stopped by the operator at {loop.env_steps} env steps")
+        return stop
+
+    try:
+        if ray_rollout is not None:
+            loop.start()
+            ray_rollout.start(loop.env_steps, config.total_env_steps, learner.critic_updates, policy.actor)
+            window["start"] = time.time()
+            while not loop.finished:
+                # the workers act; this process stores what they send and learns, updates_per_step per row
+                delivered = ray_rollout.next_batch()
+                if delivered is None:
+                    break
+                for index in delivered.dropped_envs:   # a worker crashed: its unfinished episodes end here
                     online.end_stream(int(index))
                     offline.end_stream(int(takeover_streams[index]))
-            else:
-                store(*row)
-            if episodes is not None:
-                for outcome in finished:
-                    index = outcome.env_index
-                    if outcome.aborted:   # its env worker died: the episode is incomplete, not written
-                        episodes.discard(index)
-                        continue
-                    episodes.finish(index, transitions.next_obs, outcome.success,
-                                    bool(transitions.terminated[index]) or (marking and outcome.success),
-                                    reward_last=float(outcome.success) if marking else None,
-                                    metadata={"env_steps": loop.env_steps + config.num_envs,
-                                              "takeovers": outcome.takeovers})
-
-            loop.record(config.num_envs, finished)
-            window_steps += config.num_envs
-            if stats_count:
-                loop.show(q=stats_sum["q"] / stats_count, closs=stats_sum["critic_loss"] / stats_count)
-            if loop.due(config.log_every) and stats_count:
-                elapsed = max(time.time() - window_start, 1e-9)
-                metrics = {f"train/{key}": value / stats_count for key, value in stats_sum.items()}
-                if intervening:
-                    metrics.update({"train/intervention_rate": loop.intervention_rate,
-                                    "train/interventions_per_episode": loop.interventions_per_episode,
-                                    "train/intervened_steps": loop.intervened_steps})
-                metrics.update({"train/success_recent": loop.recent_success_rate if loop.recent_success else 0.0,
-                                "train/episodes": loop.episodes, "perf/env_steps_per_s": window_steps / elapsed,
-                                "perf/updates_per_s": timing["updates"] / max(timing["update_seconds"], 1e-9),
-                                "train/critic_updates": learner.critic_updates})
-                run.log(loop.env_steps, **metrics)
-                stats_sum.clear()
-                stats_count = 0
-                window_start, window_steps = time.time(), 0
-            if loop.due(config.eval_every) and not loop.finished:
-                loop.evaluate(policy)
-                if gate is not None:
-                    gate.consider(policy, loop.env_steps, metadata)
-            stop = operator is not None and operator.stop_requested
-            if loop.due(config.checkpoint_every) or loop.finished or stop:
-                save_checkpoint()
-            loop.end_step()
-            if stop:
-                print(f"stopped by the operator at {loop.env_steps} env steps")
-                break
+                if delivered.rows is None:
+                    continue
+                store(*delivered.rows, env_index=delivered.env_index)
+                staleness_window.record(delivered.version, learner.critic_updates)
+                staleness_total.record(delivered.version, learner.critic_updates)
+                warming_up = loop.env_steps < config.warmup_steps
+                update_debt += config.updates_per_step * delivered.env_steps
+                updates_now = int(update_debt)
+                update_debt -= updates_now
+                run_updates(updates_now, not warming_up)
+                if end_of_step(delivered.env_steps, delivered.finished):
+                    break
+        else:
+            acting.start(reset_seed=200_000 + 1_000 * config.seed + loop.env_steps,
+                         sampling_seed=200_000 + 1_000 * config.seed + loop.env_steps)
+            loop.start()
+            window["start"] = time.time()
+            while not loop.finished:
+                warming_up = loop.env_steps < config.warmup_steps
+                update_debt += config.updates_per_step * config.num_envs
+                updates_now = int(update_debt)
+                update_debt -= updates_now
+                row, transitions = acting.step(warming_up,
+                                               while_waiting=lambda: run_updates(updates_now, not warming_up))
+                executed, intervened = row[1], row[6]
+                done = transitions.done
+                if episodes is not None:
+                    episodes.add(transitions.obs, executed, transitions.proposed_action, intervened, transitions.reward)
+                finished = transitions.finished
+                if marking:
+                    pending.append(row)
+                    if done[0]:
+                        mark = operator.take_mark()
+                        mark = operator.wait_for_mark() if mark is None else mark
+                        if mark is None:   # stopped before marking: the episode is not stored
+                            pending.clear()
+                            if episodes is not None:
+                                episodes.discard()
+                            finished = []
+                        else:
+                            last = pending[-1]
+                            last[2][0], last[4][0] = float(mark), bool(mark)   # the mark is the sparse reward
+                            for stored in pending:
+                                store(*stored)
+                            pending.clear()
+                            finished[0].success = bool(mark)
+                elif transitions.aborted is not None and transitions.aborted.any():
+                    # an env worker died mid-step: its row is no transition; its replay chain ends there
+                    keep = ~transitions.aborted
+                    store(*(part[keep] for part in row), env_index=np.flatnonzero(keep))
+                    for index in np.flatnonzero(transitions.aborted):
+                        online.end_stream(int(index))
+                        offline.end_stream(int(takeover_streams[index]))
+                else:
+                    store(*row)
+                if episodes is not None:
+                    for outcome in finished:
+                        index = outcome.env_index
+                        if outcome.aborted:   # its env worker died: the episode is incomplete, not written
+                            episodes.discard(index)
+                            continue
+                        episodes.finish(index, transitions.next_obs, outcome.success,
+                                        bool(transitions.terminated[index]) or (marking and outcome.success),
+                                        reward_last=float(outcome.success) if marking else None,
+                                        metadata={"env_steps": loop.env_steps + config.num_envs,
+                                                  "takeovers": outcome.takeovers})
+                if end_of_step(config.num_envs, finished):
+                    break
     finally:
         loop.close()
-        rollout.close()
+        (rollout if rollout is not None else ray_rollout).close()
 
     save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
     final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
@@ -782,6 +832,12 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "intervention_rate_last": loop.intervention_rate if intervening else None,
         "episodes_dataset": str(episodes_path(run.path, episodes_format)) if episodes is not None else None,
     }
+    if ray_rollout is not None:   # this run's part only: a resumed run's earlier parts are not counted
+        overall = staleness_total.summary(reset=False)
+        summary.update({"rollout_in_workers": True, "staleness_mean": overall["staleness_mean"],
+                        "staleness_max": overall["staleness_max"],
+                        "weights_publications": ray_rollout.broadcaster.publications,
+                        "worker_restarts": ray_rollout.restarts, "dropped_episodes": ray_rollout.dropped_episodes})
     run.write_json("summary.json", summary)
     if base_point:
         low, high = base_point["ci"]

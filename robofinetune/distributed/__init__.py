@@ -6,6 +6,8 @@
   environments live in ``num_workers`` Ray actors; a killed actor is restarted and its episodes are aborted.
 - :class:`WeightBroadcaster`: the learner puts its weights in the object store every K updates; workers that run
   the policy fetch the latest, and the learner-update staleness of each transition is counted.
+- :class:`RayPolicyRollout` (``train residual --rollout-in-workers``): env workers that also run the residual
+  policy's rollout (:class:`ResidualRolloutWorker`) and send replay rows, with the weights broadcast to them.
 
 Ray is an optional dependency (``pip install robofinetune[ray]``); importing this package does not import it.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["init_ray", "RayVectorEnv", "EnvWorkerError", "WeightBroadcaster", "WeightSubscriber", "StalenessLog"]
+__all__ = ["init_ray", "RayVectorEnv", "EnvWorkerError", "WeightBroadcaster", "WeightSubscriber", "StalenessLog",
+           "RayPolicyRollout", "ResidualRolloutWorker"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from robofinetune.distributed import weights
 
         return getattr(weights, name)
+    if name in ("RayPolicyRollout", "ResidualRolloutWorker"):
+        from robofinetune.distributed import policy_workers
+
+        return getattr(policy_workers, name)
     raise AttributeError(f"module 'robofinetune.distributed' has no attribute {name!r}")
