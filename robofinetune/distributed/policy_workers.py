@@ -37,7 +37,8 @@ import numpy as np
 
 from robofinetune import logs
 from robofinetune.distributed.cluster import import_ray, init_ray
-from robofinetune.distributed.ray_envs import EnvWorkerError
+from robofinetune.distributed.ray_envs import (EnvWorkerError, check_cluster_cpus, restore_worker_logs,
+                                               start_error, stop_workers)
 from robofinetune.distributed.weights import WeightBroadcaster, WeightSubscriber, load_numpy_state
 from robofinetune.errors import ConfigError
 
@@ -82,10 +83,7 @@ class ResidualRolloutWorker:
         from robofinetune.rl.features import FrozenFeatures, observation_encoder_of
         from robofinetune.rl.setup import load_base_policy
 
-        log_file = log_settings.get(logs.LOG_FILE_ENV)
-        if log_file and not Path(log_file).parent.is_dir():   # another machine: the driver's run folder is not here
-            log_settings = {**log_settings, logs.LOG_FILE_ENV: None}
-        logs.restore(log_settings)
+        restore_worker_logs(log_settings)
         torch.set_num_threads(1)   # one simulator loop and a small MLP: one core, as Ray reserved
         self.env_indices = np.asarray(env_indices, np.int64)
         # the envs step one after another in this process, as the subprocess vector env's workers do
@@ -203,11 +201,7 @@ class RayPolicyRollout:
         self.workers: list[Any] = []
         self.broadcaster: WeightBroadcaster | None = None
         try:
-            total_cpus = self._ray.cluster_resources().get("CPU", 0.0)
-            if num_workers * cpus_per_worker > total_cpus:
-                raise ConfigError(f"{num_workers} env workers reserve {num_workers * cpus_per_worker:g} CPUs but the "
-                                  f"Ray cluster has {total_cpus:g}: use fewer workers (config field "
-                                  f"'num_env_workers'), or add nodes (`ray start --address=<head>:6379`)")
+            check_cluster_cpus(self._ray, num_workers, cpus_per_worker)
             self.broadcaster = WeightBroadcaster(weights_every)
             remote = self._ray.remote(ResidualRolloutWorker).options(num_cpus=cpus_per_worker,
                                                                      max_restarts=max_restarts, max_task_retries=0)
@@ -220,12 +214,9 @@ class RayPolicyRollout:
                                        timeout=restart_timeout_s)
         except BaseException as error:
             self.close()
-            if isinstance(error, self._ray.exceptions.RayActorError):
-                cause = str(error).strip().splitlines()[-1]
-                raise EnvWorkerError(f"policy workers for task '{task}' failed to start: {cause}") from error
-            if isinstance(error, self._ray.exceptions.GetTimeoutError):
-                raise EnvWorkerError(f"policy workers for task '{task}' did not start within "
-                                     f"{restart_timeout_s:.0f} s (`ray status` shows what the cluster lacks)") from error
+            translated = start_error(self._ray, error, "policy workers", task, restart_timeout_s)
+            if translated is not None:
+                raise translated from error
             raise
         self.incarnations = [token for token, _ in identities]
         self.pids = [pid for _, pid in identities]
@@ -269,12 +260,7 @@ class RayPolicyRollout:
         if self.closed:
             return
         self.closed = True
-        try:
-            self._ray.get([worker.close.remote() for worker in self.workers], timeout=30)
-        except (self._ray.exceptions.RayError, TimeoutError):
-            pass   # a dead or hung worker is killed below anyway
-        for worker in self.workers:
-            self._ray.kill(worker)   # no_restart: a closed rollout's workers stay gone
+        stop_workers(self._ray, self.workers)
         if self.broadcaster is not None:
             self._ray.kill(self.broadcaster.store)
         if self._owns_ray and self._ray.is_initialized():

@@ -43,6 +43,45 @@ class EnvWorkerError(RobofinetuneError):
     """An env worker died and was not restarted (its restarts are used up, or it did not come back in time)."""
 
 
+def restore_worker_logs(log_settings: dict[str, str | None]) -> None:
+    """In a worker: the driver's logging settings (``logs.snapshot()``), without its log file when the driver's
+    run folder is not on this machine."""
+    log_file = log_settings.get(logs.LOG_FILE_ENV)
+    if log_file and not Path(log_file).parent.is_dir():   # another machine: the driver's run folder is not here
+        log_settings = {**log_settings, logs.LOG_FILE_ENV: None}
+    logs.restore(log_settings)
+
+
+def check_cluster_cpus(ray: Any, num_workers: int, cpus_per_worker: float, kind: str = "env workers") -> None:
+    """A worker Ray cannot place waits forever: refuse now, naming the config field, when the cluster lacks CPUs."""
+    needed, total = num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0.0)
+    if needed > total:
+        raise ConfigError(f"{num_workers} {kind} reserve {needed:g} CPUs but the Ray cluster has {total:g}: use fewer "
+                          f"workers (config field 'num_env_workers'), or add nodes (`ray start --address=<head>:6379`)")
+
+
+def start_error(ray: Any, error: BaseException, kind: str, task: str, timeout_s: float) -> EnvWorkerError | None:
+    """The error to raise when workers failed to start (their own exception, or the time-out), or None for an
+    error that is not Ray's and should propagate as it is."""
+    if isinstance(error, ray.exceptions.RayActorError):   # e.g. make_env raised in a worker
+        cause = str(error).strip().splitlines()[-1]   # the worker's own exception, last in Ray's report
+        return EnvWorkerError(f"{kind} for task '{task}' failed to start: {cause}")
+    if isinstance(error, ray.exceptions.GetTimeoutError):
+        return EnvWorkerError(f"{kind} for task '{task}' did not start within {timeout_s:.0f} s "
+                              f"(`ray status` shows what the cluster lacks)")
+    return None
+
+
+def stop_workers(ray: Any, workers: list[Any]) -> None:
+    """Close the workers' envs where they still answer, then kill them without restart."""
+    try:
+        ray.get([worker.close.remote() for worker in workers], timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        pass   # a dead or hung worker is killed below anyway
+    for worker in workers:
+        ray.kill(worker)   # no_restart: closed workers stay gone
+
+
 class EnvWorker:
     """One Ray actor: a share of the vector env's environments, stepped one after another in this process.
 
@@ -55,10 +94,7 @@ class EnvWorker:
                  log_settings: dict[str, str | None]) -> None:
         from robofinetune.envs import make_env
 
-        log_file = log_settings.get(logs.LOG_FILE_ENV)
-        if log_file and not Path(log_file).parent.is_dir():   # another machine: the driver's run folder is not here
-            log_settings = {**log_settings, logs.LOG_FILE_ENV: None}
-        logs.restore(log_settings)
+        restore_worker_logs(log_settings)
         self.envs = [make_env(spec, seed=seed, render=render, **overrides) for seed in seeds]
         self.incarnation = uuid.uuid4().hex
 
@@ -149,7 +185,7 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
         self._pending: list[Any] | None = None
         self.workers: list[Any] = []
         try:
-            self._check_cpus(num_workers * cpus_per_worker)
+            check_cluster_cpus(self._ray, num_workers, cpus_per_worker)
             remote = self._ray.remote(EnvWorker).options(num_cpus=cpus_per_worker, max_restarts=max_restarts,
                                                           max_task_retries=0)
             log_settings = logs.snapshot()
@@ -161,12 +197,9 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
             for worker in self.workers:
                 self._ray.kill(worker)
             self._shutdown_ray()
-            if isinstance(error, self._ray.exceptions.RayActorError):   # e.g. make_env raised in a worker
-                cause = str(error).strip().splitlines()[-1]   # the worker's own exception, last in Ray's report
-                raise EnvWorkerError(f"env workers for task '{spec.name}' failed to start: {cause}") from error
-            if isinstance(error, self._ray.exceptions.GetTimeoutError):
-                raise EnvWorkerError(f"env workers for task '{spec.name}' did not start within "
-                                     f"{restart_timeout_s:.0f} s (`ray status` shows what the cluster lacks)") from error
+            translated = start_error(self._ray, error, "env workers", spec.name, restart_timeout_s)
+            if translated is not None:
+                raise translated from error
             raise
         self.incarnations = [token for token, _ in identities]
         self.pids = [pid for _, pid in identities]
@@ -257,13 +290,7 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
         return tuple(frame for share_frames in frames for frame in share_frames)
 
     def close_extras(self, **kwargs: Any) -> None:
-        workers = getattr(self, "workers", [])
-        try:
-            self._ray.get([worker.close.remote() for worker in workers], timeout=30)
-        except (self._ray.exceptions.RayError, TimeoutError):
-            pass   # a dead or hung worker is killed below anyway
-        for worker in workers:
-            self._ray.kill(worker)   # no_restart: a closed env's workers stay gone
+        stop_workers(self._ray, getattr(self, "workers", []))
         self._shutdown_ray()
 
     # -- faults --------------------------------------------------------------------------------------------------
@@ -331,13 +358,6 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
     def _batch(self, observations: list[Any]) -> Any:
         return concatenate(self.single_observation_space, observations,
                            create_empty_array(self.single_observation_space, self.num_envs))
-
-    def _check_cpus(self, needed: float) -> None:
-        """A worker Ray cannot place waits forever: say so now instead."""
-        total = self._ray.cluster_resources().get("CPU", 0.0)
-        if needed > total:
-            raise ConfigError(f"{len(self.shares)} env workers reserve {needed:g} CPUs but the Ray cluster has "
-                              f"{total:g}: use fewer workers, or add nodes (`ray start --address=<head>:6379`)")
 
     def _shutdown_ray(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
