@@ -23,12 +23,14 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from common import provenance, write_result
+from robofinetune.images import is_image_key
 
 
 # --- latency ---------------------------------------------------------------------------------------------------------
@@ -65,7 +67,8 @@ def measure_latency(variants: dict[str, tuple[Any, dict[str, Any]]], batch: int,
             for round_index in range(rounds + 1):
                 for name, (policy, variant) in variants.items():
                     _configure(policy, variant)
-                    obs = {key: np.zeros((batch, history_length(policy), *shape), np.float32)
+                    obs = {key: np.zeros((batch, history_length(policy), *shape),
+                                         np.uint8 if is_image_key(key) else np.float32)   # cameras arrive as uint8
                            for key, shape in policy.config.obs_shapes.items()}
                     policy.act(obs)
                     for _ in range(calls_per_block):
@@ -107,10 +110,32 @@ def difference_interval(first: tuple[int, int], second: tuple[int, int]) -> tupl
             difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
-def evaluate(policy, task: str, episodes: int, seed: int) -> dict[str, Any]:
-    from robofinetune.eval import evaluate_policy
+def reused_evaluation(path: str, task: str, episodes: int) -> dict[str, Any]:
+    """A stored evaluation of the teacher on the same eval seeds: checked for task and episode count."""
+    stored = json.loads(open(path).read())
+    if stored.get("task") != task or stored.get("episodes") != episodes:
+        raise SystemExit(f"--teacher-eval {path}: it evaluated task {stored.get('task')!r} over "
+                         f"{stored.get('episodes')} episodes, not {task!r} over {episodes}")
+    print(f"  teacher: reusing {path}: {stored['successes']}/{stored['episodes']}")
+    return {"success": stored["success_rate"], "success_ci": list(stored["success_ci"]),
+            "successes": stored["successes"], "episodes": stored["episodes"], "mean_length": stored["mean_length"],
+            "eval_seconds": stored.get("seconds"), "reused_from": path}
 
-    result = evaluate_policy(policy, task, episodes=episodes, num_envs=2, seed=seed)
+
+def evaluate(policy, task: str, episodes: int, seed: int, cache: Path | None = None) -> dict[str, Any]:
+    """``evaluate_policy`` on 2 env processes; with ``cache`` (a file in the policy folder) the result is stored
+    there and reused by the next run with the same policy, task, episodes and seeds, so a crash later in this
+    script (latency) does not cost the evaluation again."""
+    from robofinetune.eval import EvalResult, evaluate_policy
+
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        result = EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
+        print(f"  reusing {cache}")
+    else:
+        result = evaluate_policy(policy, task, episodes=episodes, num_envs=2, seed=seed)
+        if cache is not None:
+            cache.write_text(json.dumps(result.to_dict(), indent=2))
     print(f"  {result.summary()}")
     return {"success": result.success_rate, "success_ci": list(result.success_ci), "successes": result.successes,
             "episodes": result.episodes, "mean_length": result.mean_length, "eval_seconds": result.seconds}
@@ -187,6 +212,10 @@ def main() -> None:
     parser.add_argument("--multistep", action="store_true", help="also evaluate the 2- and 4-step student")
     parser.add_argument("--latency-rounds", type=int, default=50)
     parser.add_argument("--set", nargs="*", default=[], help="distill config overrides, key=value")
+    parser.add_argument("--teacher-eval", nargs="*", default=[], metavar="NAME=JSON",
+                        help="reuse this evaluation of that teacher (an evaluate_policy JSON with the same task, "
+                             "episodes, 2 envs and --eval-seed, e.g. <policy>/eval_can_image_100_seed100000.json) "
+                             "instead of spending the CPU again; the JSON must say the same task and episodes")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-measure only the latency figures of an existing results file (same teachers/students)")
     args = parser.parse_args()
@@ -229,7 +258,8 @@ def main() -> None:
         if name in students:
             student_path = students[name]
             entry["distill"] = {"reused": True, **{key: load_policy(student_path, device="cpu").checkpoint_metadata.get(key)
-                                                   for key in ("train_seconds", "train_steps", "training_states")}}
+                                                   for key in ("train_seconds", "train_steps", "training_states", "run",
+                                                                "made_by", "rollout_episodes")}}
         else:
             config = resolve_config(DistillConfig, "distill", {**overrides, "task": args.task, "teacher": str(teacher_path),
                                                                "seed": args.seed, "eval_episodes": 0})
@@ -255,9 +285,12 @@ def main() -> None:
         base = generative_base(teacher)
         entry["teacher_kind"], entry["teacher_base_kind"] = teacher.kind, base.kind
         # the teacher as it ships (its own sampler), and the student's one-step act()
-        success = {"teacher": evaluate(teacher, args.task, args.episodes, args.eval_seed)}
+        teacher_evals = dict(item.split("=", 1) for item in args.teacher_eval)
+        success = {"teacher": (reused_evaluation(teacher_evals[name], args.task, args.episodes) if name in teacher_evals
+                               else evaluate(teacher, args.task, args.episodes, args.eval_seed))}
         student.config.inference_steps = 1
-        success["student_1"] = evaluate(student, args.task, args.episodes, args.eval_seed)
+        success["student_1"] = evaluate(student, args.task, args.episodes, args.eval_seed,
+                                        cache=Path(student_path) / f"eval_{args.task}_{args.episodes}_seed{args.eval_seed}_1step.json")
         if args.multistep or args.task == "pointmass":
             for steps in (2, 4):
                 student.config.inference_steps = steps

@@ -180,6 +180,41 @@ def dataset_sizes(dataset: Path) -> dict[str, float]:
     return sizes
 
 
+def image_distill_summary(path: Path) -> dict:
+    """``image_distill`` from a ``benchmarks/distill_can.py --task=can_image`` result (its first teacher)."""
+    distill = json.loads(path.read_text())
+    name, entry = next(iter(distill["teachers"].items()))
+    success = entry["success"]
+    return {"teacher": name, "teacher_path": entry["teacher_path"], "student_path": entry["student_path"],
+            "teacher_success": success["teacher"]["success"], "teacher_success_ci": success["teacher"]["success_ci"],
+            "student_success": success["student_1"]["success"], "student_success_ci": success["student_1"]["success_ci"],
+            "episodes": success["student_1"]["episodes"],
+            "gap_points": entry["teacher_minus_student_1"]["points"],
+            "gap_ci_points": entry["teacher_minus_student_1"]["ci_points"],
+            "latency_ratio": entry["latency_ratio_teacher10_over_student1"],
+            "latency_ms_batch1": entry["latency_ms_batch1"],
+            "distill": entry["distill"], "measured_by": {key: distill.get(key) for key in ("command", "commit", "date")},
+            "source": str(path)}
+
+
+def twin_agreement_summary(path: Path) -> dict:
+    """``twin_agreement`` from a ``benchmarks/robot_twin.py --robot=real_robot/can_image_twin.yaml`` result."""
+    twin = json.loads(path.read_text())
+    agreement = twin["agreement"]
+    sim, ros = agreement["in_process"]["same_seeds"], agreement["deploy_over_ros"]
+    return {"policy": twin["policy"], "robot": twin["robot"],
+            "in_process_success": sim["success_rate"], "in_process_success_ci": sim["success_ci"],
+            "ros_success": ros["success_rate"], "ros_success_ci": ros["success_ci"], "episodes": ros["episodes"],
+            "intervals_overlap": agreement["same_seeds_vs_deploy"]["intervals_overlap"],
+            "two_proportion_p": agreement["same_seeds_vs_deploy"]["two_proportion_p"],
+            "latency_ms_p50": ros["latency_ms"]["p50"], "latency_ms_p99": ros["latency_ms"]["p99"],
+            "latency_ms_sampling_steps": ros.get("latency_ms_sampling_steps"),
+            "rate_hz_mean": ros["rate_hz_mean"], "target_rate_hz": ros["target_rate_hz"],
+            "camera_rate_rostopic_hz": ros.get("camera_rate_rostopic_hz"),
+            "control_loop": twin.get("control_loop"),
+            "measured_by": {key: twin.get(key) for key in ("command", "commit", "date")}, "source": str(path)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--diffusion", help="image diffusion BC policy folder")
@@ -200,7 +235,16 @@ def main() -> None:
                         help="keep the last result's image_bc as variant NAME (when --diffusion is a longer run of it)")
     parser.add_argument("--skip-sizes", action="store_true", help="keep dataset_mb from the last result")
     parser.add_argument("--skip-render", action="store_true", help="keep render_ms_per_step from the last result")
+    parser.add_argument("--distill-result", type=Path,
+                        help="benchmarks/results/distill_can_image.json (python benchmarks/distill_can.py "
+                             "--task=can_image ...): becomes image_distill")
+    parser.add_argument("--twin-result", type=Path,
+                        help="the robot_twin.py result for real_robot/can_image_twin.yaml: becomes twin_agreement")
+    parser.add_argument("--summaries-only", action="store_true",
+                        help="measure nothing: keep the last result and (re)read --distill-result / --twin-result")
     args = parser.parse_args()
+    if args.summaries_only:
+        args.render_only = args.skip_render = True
 
     previous_path = RESULTS / "pixels_can.json"
     previous = json.loads(previous_path.read_text()) if previous_path.exists() else {}
@@ -236,6 +280,15 @@ def main() -> None:
         if "image_bc" in previous:   # say which invocation measured what was carried over
             result["image_bc_measured_by"] = previous.get("image_bc_measured_by") or {
                 key: previous.get(key) for key in ("command", "commit", "date")}
+    # part 2's figures come from their own benchmarks; a run that does not pass them keeps the last ones
+    for key, source, summarise in (("image_distill", args.distill_result, image_distill_summary),
+                                   ("twin_agreement", args.twin_result, twin_agreement_summary)):
+        if source is not None:
+            result[key] = summarise(source)
+        elif key in previous:
+            result[key] = previous[key]
+    if "image_residual" in previous:
+        result["image_residual"] = previous["image_residual"]
     write_result("pixels_can.json", result)
 
 

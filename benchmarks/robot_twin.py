@@ -103,14 +103,56 @@ class Counting:
         return self.policy.select_action(obs)
 
 
+class TopicRate:
+    """``rostopic hz`` on each camera topic while the loop runs: the rate a ROS user would see on that topic.
+
+    A window of 20 messages (a few seconds at the twin's rate), one reading per second; the readings taken while
+    the twin resets the scene (no frames) are kept out by reporting the median and the 90th percentile."""
+
+    def __init__(self, topics: list[str], window: int = 20) -> None:
+        self.topics, self.window = topics, window
+        self.readings: dict[str, list[float]] = {topic: [] for topic in topics}
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> TopicRate:
+        for topic in self.topics:
+            process = subprocess.Popen(["rostopic", "hz", "-w", str(self.window), topic], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+            self.processes.append(process)
+            threading.Thread(target=self._read, args=(topic, process), daemon=True).start()
+        return self
+
+    def _read(self, topic: str, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            if line.strip().startswith("average rate:"):
+                self.readings[topic].append(float(line.split(":")[1]))
+
+    def __exit__(self, *exc: Any) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def report(self) -> dict[str, Any]:
+        return {topic: {"median_hz": float(np.median(values)), "p90_hz": float(np.percentile(values, 90)),
+                        "readings": len(values), "window_messages": self.window} if values else {"readings": 0}
+                for topic, values in self.readings.items()}
+
+
 def deploy(robot: Path, policy: Any, episodes: int, seed: int, log_dir: Path | None = None) -> dict[str, Any]:
     from robofinetune.robot.env import RobotEnv
     from robofinetune.robot.recorder import open_episode_writer
     from robofinetune.robot.runner import run_policy
     from robofinetune.robot.status import StatusLine
 
+    from robofinetune.robot.config import load_robot_config
+
     counting = Counting(policy)
-    with Twin(robot):
+    cameras = sorted({source.topic for source in load_robot_config(robot).all_observations.values()
+                      if source.is_image})
+    with Twin(robot), TopicRate(cameras) as camera_rate:
         env = RobotEnv(robot)
         try:
             sink = None
@@ -133,6 +175,8 @@ def deploy(robot: Path, policy: Any, episodes: int, seed: int, log_dir: Path | N
     report["seconds"] = seconds
     report["per_episode_success"] = [e.success for e in result.episodes]
     report["target_rate_hz"] = float(1.0 / control_period(robot))
+    if cameras:
+        report["camera_rate_rostopic_hz"] = camera_rate.report()
     return report
 
 
@@ -143,6 +187,7 @@ def control_period(robot: Path) -> float:
 
 
 def in_process(task: str, policy: Any, episodes: int, seed: int, with_eval: bool) -> dict[str, Any]:
+    """The same seeds run sequentially on ``make_env`` (and, ``with_eval``, through ``evaluate_policy`` too)."""
     import torch
 
     from robofinetune.envs import make_env
@@ -312,6 +357,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=100_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["agreement", "latency", "watchdog", "crash"])
     parser.add_argument("--output", help="result file name under benchmarks/results")
+    parser.add_argument("--no-eval-policy", action="store_true",
+                        help="agreement: only the same-seed sequential rollouts in process, not evaluate_policy too "
+                             "(saves an evaluation where rendering is the cost)")
     args = parser.parse_args()
 
     import torch
@@ -342,7 +390,7 @@ def main() -> int:
         steps = policy.config.inference_steps
         if "agreement" not in args.skip:
             print(f"[agreement] in-process: {args.episodes} episodes", flush=True)
-            sim = in_process(config.task.name, policy, args.episodes, args.seed, with_eval=True)
+            sim = in_process(config.task.name, policy, args.episodes, args.seed, with_eval=not args.no_eval_policy)
             print(f"[agreement] deploy over ROS: {args.episodes} episodes", flush=True)
             robot_report = deploy(robot, policy, args.episodes, args.seed, log_dir=work / "deploy_multi")
             result["agreement"] = {"in_process": sim, "deploy_over_ros": robot_report,
@@ -366,7 +414,7 @@ def main() -> int:
             result["control_loop"] = {name: {key: report.get(key) for key in
                                              ("latency_ms", "latency_ms_sampling_steps", "policy_ms", "rate_hz_mean",
                                               "target_rate_hz", "overruns", "episodes", "success_rate",
-                                              "interventions")}
+                                              "interventions", "camera_rate_rostopic_hz")}
                                       for name, report in loop.items()}
             result["control_loop"]["sync"] = config.sync
             print(json.dumps(result["control_loop"], default=float)[:2000], flush=True)

@@ -8,6 +8,8 @@
   the policy fetch the latest, and the learner-update staleness of each transition is counted.
 - :class:`RayPolicyRollout` (``train residual --rollout-in-workers``): env workers that also run the residual
   policy's rollout (:class:`ResidualRolloutWorker`) and send replay rows, with the weights broadcast to them.
+- :class:`RobotActor` / :class:`RobotActorLink`: residual RL on hardware, a free-running actor on the robot's
+  machine (its control loop never waits for the learner) that a learner drains rows from and sends weights to.
 
 Ray is an optional dependency (``pip install robofinetune[ray]``); importing this package does not import it.
 """
@@ -17,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["init_ray", "RayVectorEnv", "EnvWorkerError", "WeightBroadcaster", "WeightSubscriber", "StalenessLog",
-           "RayPolicyRollout", "ResidualRolloutWorker"]
+           "RayPolicyRollout", "ResidualRolloutWorker", "RobotActor", "RobotActorLink", "RobotActorSpec",
+           "RobotActorStats", "RobotActorError"]
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from robofinetune.distributed import policy_workers
 
         return getattr(policy_workers, name)
+    if name in ("RobotActor", "RobotActorLink", "RobotActorSpec", "RobotActorStats", "RobotActorError"):
+        from robofinetune.distributed import robot_actor
+
+        return getattr(robot_actor, name)
     raise AttributeError(f"module 'robofinetune.distributed' has no attribute {name!r}")

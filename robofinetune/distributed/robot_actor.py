@@ -1,0 +1,586 @@
+"""The actor half of residual RL on hardware: a Ray actor on the robot's computer that drives the robot at its
+control rate and hands replay rows to a learner elsewhere (a GPU box), which sends weights back.
+
+Why a separate actor. A robot cannot wait for a learner: a loop that pauses for a gradient step, a network hiccup
+or a learner restart leaves the arm holding stale commands mid-motion. So :class:`RobotActor` owns the robot
+(a :class:`~robofinetune.robot.env.RobotEnv`, its safety layer and an optional teleop operator; or any task's env,
+for tests and dry runs), the frozen base and the residual actor, and runs the control loop in a thread of its
+own that never waits for the learner:
+
+- it acts with :class:`~robofinetune.rl.residual_acting.ResidualActing`, the step ``train residual`` and the Ray
+  policy workers use, so its rows are the same replay rows, each tagged with the weights version it acted with;
+- rows go into a bounded outbox; the learner drains it with a non-blocking call. A full outbox drops its oldest
+  rows (the newest were collected with the newest weights) and counts them, rather than slowing the loop;
+- weights come through :class:`~robofinetune.distributed.weights.WeightBroadcaster` /
+  :class:`~robofinetune.distributed.weights.WeightSubscriber`; a helper thread fetches them, so the loop only
+  swaps them in between two steps. A learner that is gone or slow leaves the loop acting with the last weights
+  it got (before any weights: the base with ResFiT's warm-up noise); the safety layer is untouched by all this;
+- a step the robot aborts (its observations stopped; the watchdog held it) gives no row; a robot that will not
+  start an episode (e-stop engaged, no observations) is asked again every second, and the stats say why.
+
+The learner's side is :class:`RobotActorLink`. The actor is a named, detached Ray actor, so a learner that
+crashes or restarts attaches to it again by name (:meth:`RobotActorLink.attach`) while the robot keeps going.
+Delivery is at most once: a drain removes the rows it returns, so no row is handed out twice, and a new link
+gets the rows not yet drained (rows of a drain whose reply never reached a dying learner are lost, not resent).
+Every row carries a sequence number; a batch whose first row does not follow the row delivered before it
+(rows dropped, the loop restarted its episode, another learner drained in between) says so, so the learner ends
+its replay chain there instead of joining unrelated steps into one n-step return.
+
+Placement: on the robot's computer, not wherever Ray finds a free CPU. Start the cluster with a custom resource
+on the robot PC and ask for it::
+
+    # GPU box (the learner):
+    ray start --head --port=6379
+    # robot PC (ROS master reachable, ROS_MASTER_URI set in this shell):
+    ray start --address=<gpu-box-ip>:6379 --resources='{"robot": 1}'
+    # then, on the GPU box: RobotActorLink.start(spec, resources={"robot": 1}, ray_address="auto")
+
+or pin it to a node by id (``node_id=``, from ``ray list nodes``). Ray 2.60's ``ray start --head`` checks a token:
+copy the head's ``~/.ray/auth_token`` to the robot PC and set ``RAY_AUTH_MODE=token`` there
+(:mod:`robofinetune.distributed.cluster`).
+
+Stats (:meth:`RobotActorLink.stats`, :class:`RobotActorStats`): steps, the achieved rate and loop period
+percentiles over the last ``stats_window`` steps, the weights version in use and its age, rows waiting,
+delivered and dropped.
+
+Wiring into ``train residual`` (not done yet): :meth:`RobotActorLink.drain` returns a
+:class:`~robofinetune.distributed.policy_workers.RolloutBatch` (``dropped_envs == [0]`` where the replay chain
+breaks), which the ``--rollout-in-workers`` branch of :func:`robofinetune.algos.residual.train` already stores;
+what is missing is the evaluation, which cannot run episodes on a robot the actor is driving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robofinetune import logs
+from robofinetune.distributed.cluster import import_ray, init_ray
+from robofinetune.distributed.policy_workers import DEFAULT_START_TIMEOUT_S, RolloutBatch, worker_seeds
+from robofinetune.distributed.ray_envs import restore_worker_logs, start_error
+from robofinetune.distributed.weights import WeightBroadcaster, WeightSubscriber, load_numpy_state
+from robofinetune.errors import ConfigError, RobofinetuneError
+
+#: The namespace robot actors are named in, so any learner (any Ray job) can find them.
+DEFAULT_NAMESPACE = "robofinetune"
+#: The robot actor serves drains, stats and weight subscriptions while its loop thread runs: threads, not one
+#: call at a time.
+ACTOR_CONCURRENCY = 4
+#: Seconds between attempts to start a fresh episode after a robot error (no observations, e-stop engaged).
+ROBOT_RETRY_S = 1.0
+
+
+class RobotActorError(RobofinetuneError):
+    """The robot actor could not be started, found, or reached, or its control loop stopped on an error."""
+
+
+@dataclass
+class RobotActorSpec:
+    """What the robot actor runs. ``task``: a robot YAML (``real_robot/<robot>.yaml``: a ``RobotEnv``) or any
+    task name (a simulated env, for tests and dry runs). ``base``: the frozen base's folder. ``actor_kwargs``:
+    :class:`~robofinetune.algos.residual.ResidualActor`'s constructor arguments, ``feature_kind`` what it sees of
+    a frame (:mod:`robofinetune.rl.features`).
+
+    ``control_rate`` (Hz): None takes a robot YAML's own ``control_rate`` (which must be written there: a robot
+    driver expects one rate, a guessed default is not safe) or a simulated task's ``control_freq``; a value
+    overrides either. A robot paces itself (its ``sync`` mode); a simulated env is paced here.
+
+    ``warmup_steps``: the loop acts with the base plus uniform ``warmup_noise`` for this many steps, and until the
+    first weights arrive. ``outbox_rows``: rows kept for the learner before the oldest are dropped.
+    ``teleop``: an operator who may take over (keyboard | spacemouse | ros-topic; robots only).
+    ``overrides``: ``make_env``'s (a robot YAML's dotted fields, or a sim task's, e.g. ``horizon``).
+    ``environment``: variables set in the actor's process before the env starts (``ROS_MASTER_URI``, ``ROS_IP``
+    when the Ray node was started without them).
+    """
+
+    task: str
+    base: str
+    actor_kwargs: dict[str, Any]
+    feature_kind: str = "state"
+    control_rate: float | None = None
+    exploration_noise: float = 0.05
+    warmup_noise: float = 0.1
+    warmup_steps: int = 0
+    seed: int = 0
+    outbox_rows: int = 10_000
+    stats_window: int = 200
+    weights_poll_s: float = 0.05
+    teleop: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> RobotActorSpec:
+        if self.control_rate is not None and not self.control_rate > 0:
+            raise ConfigError(f"robot actor: control_rate must be > 0 Hz, got {self.control_rate}")
+        for name in ("outbox_rows", "stats_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"robot actor: {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.weights_poll_s <= 0:
+            raise ConfigError("robot actor: warmup_steps must be >= 0 and weights_poll_s > 0")
+        return self
+
+
+@dataclass
+class RobotActorStats:
+    """How the robot actor's loop is doing (rates and periods over the last ``window`` steps)."""
+
+    steps: int
+    episodes: int
+    target_rate_hz: float
+    achieved_rate_hz: float
+    period_ms_p50: float | None
+    period_ms_p99: float | None
+    window: int
+    weights_version: int            # -1: no weights received yet (warm-up)
+    seconds_since_weights: float | None
+    rows_waiting: int
+    rows_delivered: int
+    rows_dropped: int
+    running: bool
+    error: str | None               # why the loop stopped (it does not restart by itself)
+    robot_error: str | None         # the last robot error the loop is recovering from (None once it stepped again)
+    weights_error: str | None       # the last failure to fetch weights (learner gone); cleared by the next weights
+    safety_interventions: int       # the safety layer's changes to commands this episode (robots)
+    aborted_steps: int              # steps the robot aborted (no fresh observations): no rows
+    incarnation: str
+    pid: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _OutboxEntry:
+    seq: int
+    version: int
+    row: tuple[np.ndarray, ...]
+    finished: list[Any]
+    starts_chain: bool   # it follows no earlier row (the loop restarted its episode, or the robot aborted a step)
+
+
+class RowOutbox:
+    """The rows waiting for the learner: bounded, oldest dropped first, each numbered, at most once delivered."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: deque[_OutboxEntry] = deque()
+        self._lock = threading.Lock()
+        self.next_seq = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    def put(self, version: int, row: tuple[np.ndarray, ...], finished: list[Any], starts_chain: bool) -> None:
+        with self._lock:
+            if len(self._entries) >= self.capacity:
+                self._entries.popleft()
+                self.dropped += 1
+            self._entries.append(_OutboxEntry(self.next_seq, version, row, finished, starts_chain))
+            self.next_seq += 1
+
+    def take(self, max_rows: int) -> list[_OutboxEntry]:
+        """Remove and return up to ``max_rows`` of the oldest rows, stopping before a row that starts a new chain
+        (so a batch breaks the replay chain at its first row at most)."""
+        with self._lock:
+            taken: list[_OutboxEntry] = []
+            while self._entries and len(taken) < max_rows:
+                if taken and self._entries[0].starts_chain:
+                    break
+                taken.append(self._entries.popleft())
+            self.delivered += len(taken)
+            return taken
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+class RobotActor:
+    """Ray actor on the robot's machine: the env, base + residual acting and the free-running control loop
+    (module docstring). Made through :class:`RobotActorLink`, not directly."""
+
+    def __init__(self, spec: RobotActorSpec, log_settings: dict[str, str | None]) -> None:
+        os.environ.update(spec.environment)   # before rospy reads ROS_MASTER_URI
+        restore_worker_logs(log_settings)
+        import torch
+
+        from robofinetune.algos.residual import ResidualActor
+        from robofinetune.envs import load_task_spec
+        from robofinetune.rl import VectorRollout
+        from robofinetune.rl.features import FrozenFeatures, observation_encoder_of
+        from robofinetune.rl.residual_acting import ResidualActing
+        from robofinetune.rl.setup import load_base_policy
+
+        torch.set_num_threads(1)   # a small MLP per step: one core, as Ray reserved
+        self.spec = spec.check()
+        self.incarnation = uuid.uuid4().hex
+        self.is_robot, self.target_rate, overrides = _control_rate(spec)
+        self.envs, self.operator = _make_envs(spec, overrides, self.is_robot)
+        self.base = load_base_policy(spec.base, spec.task).requires_grad_(False).eval()
+        self.features = FrozenFeatures(spec.feature_kind, list(load_task_spec(spec.task).obs_keys),
+                                       observation_encoder_of(self.base))
+        self.actor = ResidualActor(**spec.actor_kwargs).requires_grad_(False)
+        self.acting = ResidualActing(VectorRollout(self.envs), self.base, self.actor, self.features,
+                                     np.random.default_rng(worker_seeds(spec.seed, 0, 0)[2]),
+                                     spec.exploration_noise, spec.warmup_noise)
+        self.outbox = RowOutbox(spec.outbox_rows)
+        self._subscriber: WeightSubscriber | None = None   # until a learner's link subscribes
+        self._subscriber_lock = threading.Lock()
+        self._new_weights: tuple[int, dict[str, np.ndarray]] | None = None   # fetched, not yet loaded by the loop
+        self._weights_lock = threading.Lock()
+        self.version = -1
+        self._weights_at: float | None = None
+        self.steps = 0
+        self.episodes = 0
+        self.aborted_steps = 0   # steps the robot aborted (no fresh observations): not sent as rows
+        self._ticks: deque[float] = deque(maxlen=spec.stats_window + 1)
+        self._stats_lock = threading.Lock()
+        self.error: str | None = None
+        self.robot_error: str | None = None
+        self.weights_error: str | None = None
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run_loop, name="robot-control-loop", daemon=True)
+        self._fetcher = threading.Thread(target=self._fetch_weights, name="robot-weights", daemon=True)
+        self._loop.start()
+        self._fetcher.start()
+
+    # --- calls from the learner (Ray's threads, beside the loop) ----------------------------------------------
+
+    def identity(self) -> tuple[str, int, str]:
+        """(incarnation, process id, Ray node id)."""
+        import ray
+
+        return self.incarnation, os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def subscribe(self, weight_store: Any) -> None:
+        """Take weights from this store from now on (a learner that attached): the loop keeps its current weights
+        until the new learner publishes."""
+        with self._subscriber_lock:
+            self._subscriber = WeightSubscriber(weight_store)
+
+    def drain(self, max_rows: int) -> dict[str, Any] | None:
+        """Remove and return up to ``max_rows`` waiting rows (None when none wait): ``rows`` (the seven replay
+        arrays), ``seq``, ``version``, ``finished`` (EpisodeOutcome), ``starts_chain`` (the first row follows no
+        earlier row), ``incarnation``. Never waits for the loop."""
+        entries = self.outbox.take(max_rows)
+        if not entries:
+            return None
+        rows = tuple(np.concatenate(parts) for parts in zip(*(entry.row for entry in entries)))
+        return {"rows": rows, "seq": np.array([entry.seq for entry in entries], np.int64),
+                "version": np.array([entry.version for entry in entries], np.int64),
+                "finished": [outcome for entry in entries for outcome in entry.finished],
+                "starts_chain": entries[0].starts_chain, "incarnation": self.incarnation}
+
+    def stats(self) -> RobotActorStats:
+        with self._stats_lock:
+            ticks, steps, episodes = list(self._ticks), self.steps, self.episodes
+        periods = np.diff(ticks) if len(ticks) > 1 else np.zeros(0)
+        robot = self._robot_env()
+        return RobotActorStats(
+            steps=steps, episodes=episodes, target_rate_hz=self.target_rate,
+            achieved_rate_hz=float(len(periods) / periods.sum()) if periods.sum() > 0 else 0.0,
+            period_ms_p50=float(np.percentile(periods, 50) * 1e3) if len(periods) else None,
+            period_ms_p99=float(np.percentile(periods, 99) * 1e3) if len(periods) else None,
+            window=len(periods), weights_version=self.version,
+            seconds_since_weights=None if self._weights_at is None else time.monotonic() - self._weights_at,
+            rows_waiting=len(self.outbox), rows_delivered=self.outbox.delivered, rows_dropped=self.outbox.dropped,
+            running=self._loop.is_alive(), error=self.error, robot_error=self.robot_error,
+            weights_error=self.weights_error,
+            safety_interventions=robot.log.total if robot is not None else 0, aborted_steps=self.aborted_steps,
+            incarnation=self.incarnation, pid=os.getpid())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop after its current step and close the env (a robot is sent its hold command)."""
+        self._stop.set()
+        self._loop.join(timeout_s)
+        self._fetcher.join(timeout_s)
+        if self.operator is not None:
+            self.operator.close()
+        self.envs.close()
+
+    # --- the loop thread ----------------------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        from robofinetune.robot.errors import RobotError
+        from robofinetune.robot.safety import RateLoop
+
+        # a robot paces itself (RobotEnv.step waits for its tick or its observations); a simulator would run flat out
+        pacer = None if self.is_robot else RateLoop(self.target_rate)
+        restarts, must_start, chain_breaks = 0, True, True
+        try:
+            while not self._stop.is_set():
+                try:
+                    if must_start:
+                        reset_seed, sampling_seed, _ = worker_seeds(self.spec.seed, self.steps, 0, restarts)
+                        self.acting.start(reset_seed, sampling_seed)
+                        must_start = False
+                        if pacer is not None:
+                            pacer.reset()
+                    self._load_new_weights()
+                    version = self.version
+                    warming_up = version < 0 or self.steps < self.spec.warmup_steps
+                    row, transitions = self.acting.step(warming_up)
+                except RobotError as error:
+                    # the robot is held (RobotEnv's safety: watchdog, e-stop); start over when it answers again
+                    self.robot_error = f"{type(error).__name__}: {error}"
+                    restarts, must_start, chain_breaks = restarts + 1, True, True
+                    self._stop.wait(ROBOT_RETRY_S)
+                    continue
+                if pacer is not None:
+                    pacer.sleep()
+                with self._stats_lock:
+                    self._ticks.append(time.monotonic())
+                    self.steps += 1
+                    self.episodes += len(transitions.finished)
+                self.robot_error = None
+                if transitions.aborted is not None and transitions.aborted.any():
+                    # the robot aborted the episode (observations stopped): the step is no transition; the env
+                    # already started the next episode, whose first row follows nothing
+                    self.aborted_steps += 1
+                    chain_breaks = True
+                    continue
+                self.outbox.put(version, row, transitions.finished, chain_breaks)
+                chain_breaks = False
+        except BaseException as error:   # noqa: BLE001 - reported through stats() and drains, not lost in a thread
+            self.error = f"{type(error).__name__}: {error}"
+
+    def _load_new_weights(self) -> None:
+        with self._weights_lock:
+            new, self._new_weights = self._new_weights, None
+        if new is not None:
+            version, state = new
+            load_numpy_state(self.actor, state)
+            self.version, self._weights_at = version, time.monotonic()
+
+    # --- the weights thread ---------------------------------------------------------------------------------------
+
+    def _fetch_weights(self) -> None:
+        """Fetch the newest published weights for the loop to load between two steps. Ray calls to the store
+        happen here, never in the loop: a slow or vanished learner delays only this thread."""
+        ray = import_ray()
+        while not self._stop.is_set():
+            with self._subscriber_lock:
+                subscriber = self._subscriber
+            pause = self.spec.weights_poll_s
+            try:
+                state = subscriber.poll() if subscriber is not None else None
+            except ray.exceptions.RayError as error:   # the learner (its store or weights' owner) is gone
+                self.weights_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                state, pause = None, max(pause, 1.0)
+            if state is not None:
+                with self._weights_lock:
+                    self._new_weights = (subscriber.version, state)
+                self.weights_error = None
+            self._stop.wait(pause)
+
+    def _robot_env(self) -> Any:
+        from robofinetune.robot.env import RobotEnv
+
+        env = self.envs.envs[0].unwrapped if hasattr(self.envs, "envs") else None
+        return env if isinstance(env, RobotEnv) else None
+
+
+def _control_rate(spec: RobotActorSpec) -> tuple[bool, float, dict[str, Any]]:
+    """(is a robot, the loop's rate in Hz, make_env's overrides with the rate set for a robot)."""
+    from robofinetune.envs import load_task_spec
+    from robofinetune.envs.spec import task_source_for
+
+    overrides = dict(spec.overrides)
+    if task_source_for(spec.task) is None:
+        return False, float(spec.control_rate or load_task_spec(spec.task).control_freq), overrides
+    from robofinetune.robot.config import load_robot_config
+
+    if spec.control_rate is not None:
+        overrides["control_rate"] = float(spec.control_rate)
+    robot = load_robot_config(spec.task, overrides or None)
+    if "control_rate" not in robot.raw:
+        raise ConfigError(f"robot file '{spec.task}' has no 'control_rate': the robot actor runs the loop at the "
+                          f"robot's control rate, so write it there (Hz, e.g. `control_rate: 20`) or pass one")
+    return True, float(robot.control_rate), overrides
+
+
+def _make_envs(spec: RobotActorSpec, overrides: dict[str, Any], is_robot: bool) -> tuple[Any, Any]:
+    """One env (a robot, with its operator when ``teleop``) as the one-env vector env ResidualActing steps."""
+    from robofinetune.envs import make_vector_env
+
+    seed = worker_seeds(spec.seed, 0, 0)[0]
+    if spec.teleop:
+        if not is_robot:
+            raise ConfigError(f"robot actor: teleop ({spec.teleop!r}) needs a robot YAML task, got {spec.task!r}")
+        if overrides:
+            raise ConfigError("robot actor: teleop with overrides is not supported; write them into the robot YAML")
+        from robofinetune.rl.interventions import make_training_envs
+
+        envs, operator = make_training_envs(spec.task, 1, seed, teleop=spec.teleop)
+        if operator.mark_ends_episode:
+            raise ConfigError(f"robot file '{spec.task}' has no success topic: its episodes wait for an operator's "
+                              f"mark, which a free-running robot actor cannot; add a 'success' topic")
+        return envs, operator
+    return make_vector_env(spec.task, 1, seed=seed, asynchronous=False, **overrides), None
+
+
+def _local_path(path: str) -> str:
+    """An existing local path made absolute (Ray workers need not share the caller's working directory); anything
+    else (a task name, or a path that exists only on the robot's machine) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+@dataclass(eq=False)   # rows are arrays
+class RobotBatch(RolloutBatch):
+    """A :class:`RolloutBatch` from the robot actor (worker 0, env 0), with each row's sequence number.
+    ``dropped_envs == [0]``: the first row does not follow the last row this link delivered (end the replay chain
+    before storing it)."""
+
+    seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class RobotActorLink:
+    """The learner's handle on a running :class:`RobotActor`: publish weights, drain rows, read stats.
+
+    :meth:`start` starts the actor (named ``name`` in ``namespace``, detached: it outlives this process);
+    :meth:`attach` finds a running one. :meth:`detach` lets go and leaves it running; :meth:`stop` ends it.
+    ``weights_every``: :meth:`publish` sends the actor's weights every this many learner updates.
+    """
+
+    def __init__(self, actor: Any, name: str, namespace: str, weights_every: int = 1) -> None:
+        self._ray = import_ray()
+        self.actor, self.name, self.namespace = actor, name, namespace
+        self.broadcaster = WeightBroadcaster(weights_every)
+        self._last_seq: int | None = None
+        self._incarnation: str | None = None
+        self.closed = False
+        try:
+            self._ray.get(actor.subscribe.remote(self.broadcaster.store))
+        except BaseException:
+            self._ray.kill(self.broadcaster.store)
+            raise
+
+    @classmethod
+    def start(cls, spec: RobotActorSpec, name: str = "robot", namespace: str = DEFAULT_NAMESPACE,
+              resources: dict[str, float] | None = None, node_id: str | None = None, num_cpus: float = 1.0,
+              weights_every: int = 1, ray_address: str | None = None,
+              start_timeout_s: float = DEFAULT_START_TIMEOUT_S) -> RobotActorLink:
+        """Start the robot actor (refused when one of this name runs: :meth:`attach` to it). ``resources`` (e.g.
+        ``{"robot": 1}``) or ``node_id`` pin it to the robot's machine (module docstring). ``ray_address`` None
+        starts a local Ray when this process has none, which ends with this process and the actor with it: a learner
+        that should be able to restart joins a cluster (``"auto"``) instead."""
+        spec.check()
+        ray = import_ray()
+        init_ray(ray_address)
+        if _find_actor(ray, name, namespace) is not None:
+            raise RobotActorError(f"a robot actor named {name!r} already runs in namespace {namespace!r}: attach to "
+                                  f"it (RobotActorLink.attach) or stop it first")
+        options: dict[str, Any] = {"name": name, "namespace": namespace, "lifetime": "detached", "num_cpus": num_cpus,
+                                   "max_concurrency": ACTOR_CONCURRENCY, "max_restarts": 0}
+        options.update(_placement(ray, resources, node_id))
+        spec = RobotActorSpec(**{**asdict(spec), "task": _local_path(spec.task), "base": _local_path(spec.base)})
+        actor = ray.remote(RobotActor).options(**options).remote(spec, logs.snapshot())
+        try:
+            ray.get(actor.identity.remote(), timeout=start_timeout_s)
+            return cls(actor, name, namespace, weights_every)
+        except BaseException as error:
+            ray.kill(actor)
+            translated = start_error(ray, error, "robot actor", spec.task, start_timeout_s)
+            if translated is not None:
+                raise RobotActorError(str(translated)) from error
+            raise
+
+    @classmethod
+    def attach(cls, name: str = "robot", namespace: str = DEFAULT_NAMESPACE, weights_every: int = 1,
+               ray_address: str | None = None) -> RobotActorLink:
+        """A link to the running robot actor ``name``: it keeps acting with its last weights until this link
+        publishes, and this link drains the rows no earlier link drained."""
+        ray = import_ray()
+        init_ray(ray_address)
+        actor = _find_actor(ray, name, namespace)
+        if actor is None:
+            raise RobotActorError(f"no robot actor named {name!r} runs in namespace {namespace!r} (is this the "
+                                  f"robot's Ray cluster? `ray list actors` shows what runs there)")
+        return cls(actor, name, namespace, weights_every)
+
+    def publish(self, updates: int, module: Any, force: bool = False) -> bool:
+        """Publish ``module``'s weights as version ``updates`` when ``weights_every`` updates passed since the last
+        publication (always with ``force``); True when it did."""
+        if force:
+            self.broadcaster.publish(updates, module)
+            return True
+        return self.broadcaster.maybe_publish(updates, module)
+
+    def drain(self, max_rows: int = 1024) -> RobotBatch | None:
+        """The rows waiting on the robot actor (up to ``max_rows``), or None when none wait; never waits for the
+        robot. Raises :class:`RobotActorError` when the loop has stopped on an error and nothing is left."""
+        reply = self._call("drain", max_rows)
+        if reply is None:
+            stats = self.stats()
+            if not stats.running:
+                raise RobotActorError(f"robot actor {self.name!r}: its control loop stopped: {stats.error}")
+            return None
+        seq = reply["seq"]
+        follows = (not reply["starts_chain"] and reply["incarnation"] == self._incarnation
+                   and self._last_seq is not None and int(seq[0]) == self._last_seq + 1)
+        self._last_seq, self._incarnation = int(seq[-1]), reply["incarnation"]
+        return RobotBatch(worker=0, rows=reply["rows"], env_index=np.zeros(len(seq), np.int64),
+                          version=reply["version"], finished=reply["finished"],
+                          dropped_envs=[] if follows else [0], seq=seq)
+
+    def stats(self) -> RobotActorStats:
+        return self._call("stats")
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._ray.get(getattr(self.actor, method).remote(*args))
+        except self._ray.exceptions.RayActorError as error:
+            raise RobotActorError(f"robot actor {self.name!r} is gone (its process or node died; the robot's own "
+                                  f"driver decides what the robot does now): {error}") from error
+
+    def detach(self) -> None:
+        """Let go of the actor, which keeps running with the last weights it got (this link's store goes)."""
+        if not self.closed:
+            self.closed = True
+            self._ray.kill(self.broadcaster.store)
+
+    def stop(self) -> None:
+        """Stop the robot actor's loop (the robot holds), then end the actor."""
+        try:
+            self._ray.get(self.actor.stop.remote(), timeout=30)
+        except (self._ray.exceptions.RayError, TimeoutError):
+            pass   # dead or hung: killed below anyway
+        self._ray.kill(self.actor)
+        self.detach()
+
+
+def _find_actor(ray: Any, name: str, namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def _placement(ray: Any, resources: dict[str, float] | None, node_id: str | None) -> dict[str, Any]:
+    """Ray options that put the actor on the robot's machine; refused now when the cluster cannot, rather than
+    left pending forever."""
+    if resources and node_id:
+        raise ConfigError("robot actor: pin it by resources or by node_id, not both")
+    if resources:
+        cluster = ray.cluster_resources()
+        missing = {key: value for key, value in resources.items() if cluster.get(key, 0.0) < value}
+        if missing:
+            raise ConfigError(f"robot actor needs resources {missing} which no node of the Ray cluster offers: on the "
+                              f"robot PC run `ray start --address=<head>:6379 --resources='{{\"robot\": 1}}'`")
+        return {"resources": dict(resources)}
+    if node_id:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+        if node_id not in alive:
+            raise ConfigError(f"robot actor: node {node_id!r} is not an alive node of the Ray cluster "
+                              f"(`ray list nodes`)")
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    return {}
