@@ -35,7 +35,7 @@ train-bc: setup
 	$(BIN)/robofinetune train bc --task=can
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25    # the slowest tests, to keep the default run ~15 min
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

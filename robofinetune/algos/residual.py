@@ -12,7 +12,9 @@
 
 The update step is :func:`td3_update`; the loop is :func:`train`; one acting step (base + residual + noise, the
 env step, the replay row) is :class:`robofinetune.rl.residual_acting.ResidualActing`, which the Ray policy workers
-(``--num-env-workers=N --rollout-in-workers``, :mod:`robofinetune.distributed.policy_workers`) run as well.
+(``--num-env-workers=N --rollout-in-workers``, :mod:`robofinetune.distributed.policy_workers`) and the robot actor
+(``--robot-actor``, :mod:`robofinetune.distributed.robot_actor`: a robot driven from its own computer, no
+evaluation episodes) run as well.
 
 Interventions (HIL-SERL; ``--intervener=scripted`` in sim, ``--teleop=keyboard|spacemouse|ros-topic`` on a
 robot; :mod:`robofinetune.rl.interventions`). While someone else drives, the executed action a_h is theirs and the
@@ -101,6 +103,14 @@ class ResidualConfig:
     rollout_in_workers: bool = False
     weights_every: int = 10           # rollout_in_workers: the actor's weights go to the workers every this many updates
     worker_steps: int = 8             # rollout_in_workers: vector steps a worker runs per call (one batch to the learner)
+    # a robot (or any task's env, paced at its control rate) driven by a named, detached Ray actor on the robot's
+    # computer whose loop never waits for this learner (robofinetune/distributed/robot_actor.py); the learner drains
+    # its rows and sends it weights every `weights_every` updates. No evaluation episodes run (summary.json says why)
+    robot_actor: bool = False
+    robot_actor_name: str = ""        # its Ray name; "" = residual-<task name>, saved in config.yaml for --resume
+    robot_resource: str = ""          # a Ray custom resource the actor needs (e.g. "robot", the robot PC's); "" = any
+    robot_control_rate: float = 0.0   # Hz; 0 = the robot YAML's control_rate (a simulated task: its control_freq)
+    robot_actor_keep_running: bool = False   # at the end of the budget leave the actor acting (detach), not stop it
     # residual actor. ResFiT: action_scale 0.1, exploration std 0.05, zero-initialised last layer.
     action_scale: float = 0.1
     actor_hidden_dim: int = 256
@@ -366,6 +376,33 @@ def check_rollout_in_workers(config: ResidualConfig) -> None:
                           f"{config.weights_every} and {config.worker_steps}")
 
 
+def check_robot_actor(config: ResidualConfig) -> None:
+    """ConfigError for what ``robot_actor`` cannot be combined with: the actor is the only thing that steps an env
+    (no learner-side envs, workers or operators beside it), and it drives one robot."""
+    if config.rollout_in_workers or config.num_env_workers > 0:
+        raise ConfigError("config field 'robot_actor' cannot be combined with 'rollout_in_workers' or "
+                          "'num_env_workers' > 0: the robot actor is the only env of the run")
+    if config.intervener != "none" or config.teleop:
+        raise ConfigError("config field 'robot_actor' cannot be combined with 'intervener' or 'teleop': an operator "
+                          "would have to sit beside the robot, in the actor, which does not take one from train yet")
+    if config.num_envs != 1:
+        raise ConfigError(f"config field 'robot_actor' drives one robot: set 'num_envs' to 1, got {config.num_envs}")
+    if config.episodes_format not in ("", "none"):
+        raise ConfigError(f"config field 'robot_actor' cannot be combined with episodes_format="
+                          f"{config.episodes_format!r} (the actor sends replay rows, not observations): "
+                          f"use episodes_format=none")
+    if config.weights_every < 1 or config.robot_control_rate < 0:
+        raise ConfigError(f"config fields 'weights_every' must be >= 1 and 'robot_control_rate' >= 0, got "
+                          f"{config.weights_every} and {config.robot_control_rate}")
+
+
+def robot_actor_name(config: ResidualConfig) -> str:
+    """The robot actor's Ray name: ``robot_actor_name``, else ``residual-<task name>`` (a robot YAML's stem). Named
+    after the robot, not the run: a second run on the same robot finds the actor that drives it instead of
+    opening a second connection to the robot."""
+    return config.robot_actor_name or f"residual-{Path(config.task).stem}"
+
+
 def td3_update(learner: ResidualLearner, batch: TransitionBatch, update_actor: bool) -> dict[str, float]:
     """One critic update (and, if ``update_actor``, one actor update) on a batch of n-step transitions whose
     observations are RL states (s, b) and whose actions are the executed ones. The ensemble's heads are
@@ -495,6 +532,75 @@ def label_base_actions(base: Policy, episodes: list[Episode], obs_keys: list[str
 
 # --- training ------------------------------------------------------------------------------------------------
 
+#: Seconds the learner waits before asking the robot actor again when it had no rows.
+ROBOT_DRAIN_PAUSE_S = 0.02
+#: Why a robot_actor run has no evaluations (summary.json's "evaluations").
+ROBOT_ACTOR_NO_EVALUATION = ("not run: with robot_actor the task's env is the robot the actor drives, and evaluation "
+                             "episodes would open a second connection to it; evaluate the policy with "
+                             "`robofinetune deploy`. train/episode_success is the actor's own training episodes, "
+                             "exploration noise included")
+
+
+class TrainingEpisodeSuccess:
+    """The robot actor's training episodes since the last report: what a ``robot_actor`` run logs as
+    ``train/episode_success`` (every ``eval_every`` env steps and at the end) where other runs evaluate. Not kept
+    in checkpoints: after a resume the first window starts at the resume."""
+
+    def __init__(self) -> None:
+        self.since, self.episodes, self.successes = 0, 0, 0
+        self.last: dict[str, Any] = {"env_steps_from": 0, "env_steps": 0, "episodes": 0, "success": None}
+
+    def start(self, env_steps: int) -> None:
+        self.since, self.episodes, self.successes = env_steps, 0, 0
+
+    def record(self, outcomes: list[Any]) -> None:
+        for outcome in outcomes:
+            if not getattr(outcome, "aborted", False):
+                self.episodes += 1
+                self.successes += int(outcome.success)
+
+    def log(self, run: Run, env_steps: int) -> None:
+        """Log the window's success rate (when an episode ended in it) and start the next window."""
+        success = self.successes / self.episodes if self.episodes else None
+        if success is not None:
+            run.log(env_steps, **{"train/episode_success": success, "train/episode_success_episodes": self.episodes})
+        self.last = {"env_steps_from": self.since, "env_steps": env_steps, "episodes": self.episodes,
+                     "success": success}
+        self.start(env_steps)
+
+
+def connect_robot_actor(config: ResidualConfig, actor_kwargs: dict[str, Any], feature_kind: str,
+                        env_steps: int) -> Any:
+    """A :class:`~robofinetune.distributed.robot_actor.RobotActorLink` to the robot actor named for this run: the
+    running one (a resumed learner; the robot kept acting meanwhile), else a new one acting as the in-process
+    loop would (same base, actor, features, noise and seed; the warm-up left after ``env_steps``)."""
+    from robofinetune.distributed.robot_actor import RobotActorError, RobotActorLink, RobotActorSpec, running_spec
+
+    name, address = robot_actor_name(config), config.ray_address or None
+    spec = RobotActorSpec(task=config.task, base=str(base_path(config.base, config.task)), actor_kwargs=actor_kwargs,
+                          feature_kind=feature_kind, control_rate=config.robot_control_rate or None,
+                          exploration_noise=config.exploration_noise, warmup_noise=config.warmup_noise,
+                          warmup_steps=max(0, config.warmup_steps - env_steps), seed=config.seed)
+    running = running_spec(name, ray_address=address)
+    if running is not None:
+        # checked before attaching, which would take the actor's weights over from whichever learner has it
+        different = spec.policy_differences(running)
+        if different:
+            raise RobotActorError(f"the robot actor {name!r} runs another policy than this run ({different} differ): "
+                                  f"stop it, or name another actor (config field 'robot_actor_name')")
+        link = RobotActorLink.attach(name, weights_every=config.weights_every, ray_address=address)
+        print(f"attached to the running robot actor {name!r} ({link.stats().steps} steps so far)", flush=True)
+        return link
+    if not address:
+        print("robot actor in a local Ray that ends with this process: join a cluster (--ray-address=auto) for an "
+              "actor that outlives the learner", flush=True)
+    resources = {config.robot_resource: 1.0} if config.robot_resource else None
+    link = RobotActorLink.start(spec, name=name, resources=resources, weights_every=config.weights_every,
+                                ray_address=address)
+    print(f"started the robot actor {name!r} at {link.stats().target_rate_hz:g} Hz", flush=True)
+    return link
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -507,7 +613,9 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
 
     if config.num_envs < 1 or config.total_env_steps < 1:
         raise ConfigError("config fields 'num_envs' and 'total_env_steps' must be >= 1")
-    if config.rollout_in_workers:
+    if config.robot_actor:
+        check_robot_actor(config)          # before the minutes of demo labelling
+    elif config.rollout_in_workers:
         check_rollout_in_workers(config)   # before the minutes of demo labelling and the base's evaluation
     torch.set_num_threads(max(1, config.torch_threads))
     _seed_everything(config.seed)
@@ -578,8 +686,9 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             offline.add_episode(episode, obs_keys, extra=label, states=states)
         policy.actor.set_observation_statistics(offline.obs[: len(offline), : feature_dim], config.obs_std_floor)
         learner.actor_target.load_state_dict(policy.actor.state_dict())
-        # zero-initialised residual: this *is* the base policy's success rate
-        loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
+        if not config.robot_actor:   # evaluation episodes would open a second connection to the actor's robot
+            # zero-initialised residual: this *is* the base policy's success rate
+            loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
 
     metadata = {"task": config.task, "base": str(base_path(config.base, config.task)),
                 "dataset": str(dataset_path), "run": str(run.path),
@@ -603,13 +712,18 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                                           handback_on_subgoal=config.handback_on_subgoal,
                                           min_takeover_steps=config.min_takeover_steps,
                                           expert_noise=config.intervener_noise)
-    ray_rollout = None
-    if config.rollout_in_workers:
+    ray_rollout, robot_link = None, None
+    actor_kwargs = {"obs_dim": policy.actor.obs_dim, "action_dim": action_dim, "hidden_dim": config.actor_hidden_dim,
+                    "depth": config.actor_depth, "layer_norm": config.layer_norm, "action_scale": config.action_scale}
+    if config.robot_actor:
+        if not config.robot_actor_name:   # kept in config.yaml: a --resume reattaches to this name
+            config.robot_actor_name = robot_actor_name(config)
+            run.save_config(config)
+        robot_link = connect_robot_actor(config, actor_kwargs, feature_kind, loop.env_steps)
+        envs, operator = None, None
+    elif config.rollout_in_workers:
         from robofinetune.distributed.policy_workers import RayPolicyRollout
 
-        actor_kwargs = {"obs_dim": policy.actor.obs_dim, "action_dim": action_dim, "hidden_dim": config.actor_hidden_dim,
-                        "depth": config.actor_depth, "layer_norm": config.layer_norm,
-                        "action_scale": config.action_scale}
         ray_rollout = RayPolicyRollout(config.task, config.num_envs, config.num_env_workers,
                                        200_000 + 1_000 * config.seed, base_path(config.base, config.task), actor_kwargs,
                                        feature_kind, config.exploration_noise, config.warmup_noise,
@@ -671,14 +785,15 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             for key, value in td3_update(learner, batch, update_actor).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
             stats_count += 1
-            if ray_rollout is not None:   # every `weights_every` updates the workers get the new actor
-                ray_rollout.publish(learner.critic_updates, policy.actor)
+            if ray_rollout is not None or robot_link is not None:   # every `weights_every` updates the actors get it
+                (ray_rollout or robot_link).publish(learner.critic_updates, policy.actor)
         timing["update_seconds"] += time.perf_counter() - start
         timing["updates"] += count
 
     from robofinetune.distributed.weights import StalenessLog
 
     staleness_window, staleness_total = StalenessLog(), StalenessLog()
+    robot_episodes = TrainingEpisodeSuccess()
     window = {"start": time.time(), "steps": 0}
 
     def end_of_step(env_steps: int, finished: list) -> bool:
@@ -695,11 +810,17 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 metrics.update({"train/intervention_rate": loop.intervention_rate,
                                 "train/interventions_per_episode": loop.interventions_per_episode,
                                 "train/intervened_steps": loop.intervened_steps})
-            if ray_rollout is not None:
+            if ray_rollout is not None or robot_link is not None:
                 recent = staleness_window.summary(reset=True)
                 metrics.update({"train/staleness_mean": recent["staleness_mean"],
-                                "train/staleness_max": recent["staleness_max"],
-                                "train/worker_restarts": ray_rollout.restarts})
+                                "train/staleness_max": recent["staleness_max"]})
+            if ray_rollout is not None:
+                metrics["train/worker_restarts"] = ray_rollout.restarts
+            if robot_link is not None:
+                actor_stats = robot_link.stats()
+                metrics.update({"robot/achieved_rate_hz": actor_stats.achieved_rate_hz,
+                                "robot/rows_dropped": actor_stats.rows_dropped,
+                                "robot/weights_version": actor_stats.weights_version})
             metrics.update({"train/success_recent": loop.recent_success_rate if loop.recent_success else 0.0,
                             "train/episodes": loop.episodes, "perf/env_steps_per_s": window["steps"] / elapsed,
                             "perf/updates_per_s": timing["updates"] / max(timing["update_seconds"], 1e-9),
@@ -708,9 +829,14 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             stats_sum.clear()
             stats_count = 0
             window["start"], window["steps"] = time.time(), 0
+        if robot_link is not None:
+            robot_episodes.record(finished)
         if loop.due(config.eval_every) and not loop.finished:
-            loop.evaluate(policy)
-            if gate is not None:
+            if robot_link is None:
+                loop.evaluate(policy)
+            else:   # no evaluation episodes on the robot the actor drives: its own training episodes instead
+                robot_episodes.log(run, loop.env_steps)
+            if gate is not None:   # the gate is off-policy evaluation on logged data: no episodes, it runs here too
                 gate.consider(policy, loop.env_steps, metadata)
         stop = operator is not None and operator.stop_requested
         if loop.due(config.checkpoint_every) or loop.finished or stop:
@@ -720,8 +846,50 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             print(f"stopped by the operator at {loop.env_steps} env steps")
         return stop
 
+    def learn_from(delivered: Any) -> bool:
+        """Store a batch of replay rows that Ray actors collected (policy workers' RolloutBatch, the robot actor's
+        RobotBatch), do its updates (``updates_per_step`` per row) and count its rows as env steps. True: stop now."""
+        nonlocal update_debt
+        for index in delivered.dropped_envs:   # a worker crashed, or the robot's rows do not follow the last ones
+            online.end_stream(int(index))
+            offline.end_stream(int(takeover_streams[index]))
+        if delivered.rows is None:
+            return False
+        store(*delivered.rows, env_index=delivered.env_index)
+        versions = delivered.version
+        if robot_link is not None:
+            # The robot actor outlives its learners: after this learner resumed from a checkpoint older than the
+            # weights a crashed learner last published, the actor keeps acting (and tagging rows) with that newer
+            # version until this learner catches up, and StalenessLog refuses negative staleness. Those rows are
+            # fresh as far as anything here knows: count them as 0 updates stale.
+            versions = np.minimum(versions, learner.critic_updates)
+        staleness_window.record(versions, learner.critic_updates)
+        staleness_total.record(versions, learner.critic_updates)
+        warming_up = loop.env_steps < config.warmup_steps
+        update_debt += config.updates_per_step * delivered.env_steps
+        updates_now = int(update_debt)
+        update_debt -= updates_now
+        run_updates(updates_now, not warming_up)
+        return end_of_step(delivered.env_steps, delivered.finished)
+
+    finished_normally = False
     try:
-        if ray_rollout is not None:
+        if robot_link is not None:
+            loop.start()
+            # this learner's weights from now on (a reattached actor acted with a dead learner's until here)
+            robot_link.publish(learner.critic_updates, policy.actor, force=True)
+            window["start"] = time.time()
+            robot_episodes.start(loop.env_steps)
+            while not loop.finished:
+                # the robot actor acts at its own pace; this process stores its rows and learns. Never more rows
+                # than the budget has left: env steps counted are rows stored
+                delivered = robot_link.drain(config.total_env_steps - loop.env_steps)
+                if delivered is None:
+                    time.sleep(ROBOT_DRAIN_PAUSE_S)
+                    continue
+                if learn_from(delivered):
+                    break
+        elif ray_rollout is not None:
             loop.start()
             ray_rollout.start(loop.env_steps, config.total_env_steps, learner.critic_updates, policy.actor)
             window["start"] = time.time()
@@ -730,20 +898,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 delivered = ray_rollout.next_batch()
                 if delivered is None:
                     break
-                for index in delivered.dropped_envs:   # a worker crashed: its unfinished episodes end here
-                    online.end_stream(int(index))
-                    offline.end_stream(int(takeover_streams[index]))
-                if delivered.rows is None:
-                    continue
-                store(*delivered.rows, env_index=delivered.env_index)
-                staleness_window.record(delivered.version, learner.critic_updates)
-                staleness_total.record(delivered.version, learner.critic_updates)
-                warming_up = loop.env_steps < config.warmup_steps
-                update_debt += config.updates_per_step * delivered.env_steps
-                updates_now = int(update_debt)
-                update_debt -= updates_now
-                run_updates(updates_now, not warming_up)
-                if end_of_step(delivered.env_steps, delivered.finished):
+                if learn_from(delivered):
                     break
         else:
             acting.start(reset_seed=200_000 + 1_000 * config.seed + loop.env_steps,
@@ -801,23 +956,42 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                                                   "takeovers": outcome.takeovers})
                 if end_of_step(config.num_envs, finished):
                     break
+        finished_normally = True
     finally:
         loop.close()
-        (rollout if rollout is not None else ray_rollout).close()
+        if robot_link is not None:
+            # A learner that failed or was interrupted leaves the robot actor running with its last weights, so a
+            # --resume reattaches to it by name; at the end of the budget the actor stops (the robot holds) unless
+            # asked to keep acting
+            if finished_normally and not config.robot_actor_keep_running:
+                robot_link.stop()
+            else:
+                robot_link.detach()
+                print(f"the robot actor {robot_link.name!r} keeps running (namespace {robot_link.namespace!r})")
+        else:
+            (rollout if rollout is not None else ray_rollout).close()
 
     save_policy(policy, run.path / "policy", {**metadata, "env_steps": loop.env_steps})
-    final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
+    if robot_link is None:
+        final = loop.evaluate(policy, episodes=config.final_eval_episodes, label="final")
+    else:   # no evaluation episodes on the actor's robot (ROBOT_ACTOR_NO_EVALUATION): its training episodes instead
+        final = None
+        robot_episodes.log(run, loop.env_steps)
+        loop.write_curve()   # the training episodes' curve, which evaluations draw otherwise
     if gate is not None:
         gate.consider(policy, loop.env_steps, metadata)
     save_checkpoint()  # the final evaluation point is part of the curve kept in the checkpoint
     base_point = next((point for point in loop.eval_points if point["label"] == "base"), None)
-    run.write_json("eval.json", {**final.to_dict(), "base": base_point})
+    if final is not None:
+        run.write_json("eval.json", {**final.to_dict(), "base": base_point})
     summary = {
         "task": config.task,
         "base_success": base_point["success"] if base_point else None,
         "base_success_ci": base_point["ci"] if base_point else None,
-        "final_success": final.success_rate, "final_success_ci": list(final.success_ci),
-        "eval_episodes": final.episodes, "env_steps": loop.env_steps,
+        # null, not missing, without evaluations: benchmarks/residual_can.py and scripts/gpu_check.py read them
+        "final_success": final.success_rate if final is not None else None,
+        "final_success_ci": list(final.success_ci) if final is not None else None,
+        "eval_episodes": final.episodes if final is not None else 0, "env_steps": loop.env_steps,
         "env_steps_to_90": loop.first_steps_reaching(0.9), "env_steps_to_95": loop.first_steps_reaching(0.95),
         "train_steps_to_90": loop.train_steps_reaching(0.9), "train_steps_to_95": loop.train_steps_reaching(0.95),
         "train_success_last": loop.recent_success_rate if loop.recent_success else None,
@@ -838,12 +1012,28 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                         "staleness_max": overall["staleness_max"],
                         "weights_publications": ray_rollout.broadcaster.publications,
                         "worker_restarts": ray_rollout.restarts, "dropped_episodes": ray_rollout.dropped_episodes})
+    if robot_link is not None:   # this run's part only, as for the workers
+        overall = staleness_total.summary(reset=False)
+        last = robot_episodes.last
+        summary.update({"robot_actor": robot_link.name, "evaluations": ROBOT_ACTOR_NO_EVALUATION,
+                        # the actor's own training episodes (exploration noise included) in the last window
+                        "train_episode_success": last["success"], "train_episode_success_episodes": last["episodes"],
+                        "train_episode_success_env_steps": [last["env_steps_from"], last["env_steps"]],
+                        "staleness_mean": overall["staleness_mean"], "staleness_max": overall["staleness_max"],
+                        "weights_publications": robot_link.broadcaster.publications,
+                        "robot_actor_left_running": config.robot_actor_keep_running})
     run.write_json("summary.json", summary)
     if base_point:
         low, high = base_point["ci"]
         print(f"base  success {base_point['success']:.1%} [{low:.1%}, {high:.1%}] over {base_point['episodes']} episodes")
-    print(f"final success {final.success_rate:.1%} [{final.success_ci[0]:.1%}, {final.success_ci[1]:.1%}] over "
-          f"{final.episodes} episodes after {loop.env_steps} env steps")
+    if final is not None:
+        print(f"final success {final.success_rate:.1%} [{final.success_ci[0]:.1%}, {final.success_ci[1]:.1%}] over "
+              f"{final.episodes} episodes after {loop.env_steps} env steps")
+    else:
+        last = robot_episodes.last
+        print(f"no evaluation ({ROBOT_ACTOR_NO_EVALUATION}); training episodes (exploration noise included) "
+              f"between env steps {last['env_steps_from']} and {last['env_steps']}: {last['episodes']} episodes, "
+              f"success {'-' if last['success'] is None else format(last['success'], '.1%')}")
     return summary
 
 

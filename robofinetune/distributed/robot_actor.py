@@ -43,10 +43,24 @@ Stats (:meth:`RobotActorLink.stats`, :class:`RobotActorStats`): steps, the achie
 percentiles over the last ``stats_window`` steps, the weights version in use and its age, rows waiting,
 delivered and dropped.
 
-Wiring into ``train residual`` (not done yet): :meth:`RobotActorLink.drain` returns a
-:class:`~robofinetune.distributed.policy_workers.RolloutBatch` (``dropped_envs == [0]`` where the replay chain
-breaks), which the ``--rollout-in-workers`` branch of :func:`robofinetune.algos.residual.train` already stores;
-what is missing is the evaluation, which cannot run episodes on a robot the actor is driving.
+Wiring into ``train residual``: ``--robot-actor``::
+
+    robofinetune train residual --task=real_robot/<robot>.yaml --robot-actor --robot_resource=robot --ray-address=auto
+
+The learner (:func:`robofinetune.algos.residual.train`) steps no env: it attaches to the running actor named
+``robot_actor_name`` (default ``residual-<task name>``, kept in the run's config.yaml) or starts one with the
+base, actor shape, features, noise, warm-up and seed the in-process loop would use, pinned to the Ray resource
+``robot_resource``; publishes its weights, then drains rows, stores them as the ``--rollout-in-workers`` branch
+stores its workers' batches and learns, ``updates_per_step`` per row, each row one env step; the actor gets the
+weights every ``weights_every`` updates. A learner that fails or is interrupted leaves the actor acting with its
+last weights; ``--resume=<run>`` reattaches by name and gets the rows acted meanwhile (a resumed learner's update
+count can be below the version the actor acts with: their staleness counts as 0). At the end of the budget the
+actor stops (``robot_actor_keep_running`` detaches instead). No evaluation runs: evaluation episodes on the task
+would open a second connection to the robot the actor drives, so the run logs the actor's own training episodes
+(``train/episode_success``, exploration noise included) every ``eval_every`` env steps, summary.json keeps
+``base_success``/``final_success`` null and says why (evaluate with ``robofinetune deploy``); ``--gate``, an
+off-policy evaluation on logged data, runs as usual. Not with ``rollout_in_workers``, ``num_env_workers``,
+``intervener``/``teleop`` (an operator would sit in the actor) or more than one env.
 """
 
 from __future__ import annotations
@@ -126,6 +140,14 @@ class RobotActorSpec:
         if self.warmup_steps < 0 or self.weights_poll_s <= 0:
             raise ConfigError("robot actor: warmup_steps must be >= 0 and weights_poll_s > 0")
         return self
+
+    def policy_differences(self, other: RobotActorSpec) -> list[str]:
+        """The fields that decide what the actor's rows and weights are (task, base, actor shape, features) on
+        which ``other`` (a running actor's spec) differs from this one: a learner with different ones cannot use
+        its rows, nor can the actor load its weights."""
+        return [name for name in ("task", "base", "actor_kwargs", "feature_kind")
+                if (_local_path(getattr(self, name)) if name in ("task", "base") else getattr(self, name))
+                != getattr(other, name)]
 
 
 @dataclass
@@ -258,6 +280,10 @@ class RobotActor:
         import ray
 
         return self.incarnation, os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def describe(self) -> RobotActorSpec:
+        """The spec this actor was started with (paths as the learner that started it resolved them)."""
+        return self.spec
 
     def subscribe(self, weight_store: Any) -> None:
         """Take weights from this store from now on (a learner that attached): the loop keeps its current weights
@@ -554,6 +580,21 @@ class RobotActorLink:
             pass   # dead or hung: killed below anyway
         self._ray.kill(self.actor)
         self.detach()
+
+
+def running_spec(name: str = "robot", namespace: str = DEFAULT_NAMESPACE,
+                 ray_address: str | None = None) -> RobotActorSpec | None:
+    """The spec of the running robot actor ``name`` (None when none runs), without attaching to it: attaching
+    takes its weights over from the learner that has it."""
+    ray = import_ray()
+    init_ray(ray_address)
+    actor = _find_actor(ray, name, namespace)
+    if actor is None:
+        return None
+    try:
+        return ray.get(actor.describe.remote(), timeout=60)
+    except ray.exceptions.RayActorError as error:
+        raise RobotActorError(f"robot actor {name!r} is gone: {error}") from error
 
 
 def _find_actor(ray: Any, name: str, namespace: str) -> Any | None:
