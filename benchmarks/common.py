@@ -40,3 +40,19 @@ def median_seconds_alternating(variants: dict[str, Callable[[], float]], repeats
         for name, measure in variants.items():
             times[name].append(measure())
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cached_evaluation(policy: Any, task: str, episodes: int, seed: int, cache: Path | None) -> Any:
+    """``evaluate_policy`` on 2 env processes, its result stored in ``cache`` (a file in the policy folder) and
+    reused by the next run with the same policy, task, episodes and seeds: an image evaluation costs ~15 CPU
+    minutes, and a crash later in a script should not cost it again."""
+    from robofinetune.eval import EvalResult, evaluate_policy
+
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        print(f"  reusing {cache}")
+        return EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
+    result = evaluate_policy(policy, task, episodes=episodes, num_envs=2, seed=seed)
+    if cache is not None:
+        cache.write_text(json.dumps(result.to_dict(), indent=2))
+    return result

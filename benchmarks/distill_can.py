@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import provenance, write_result
+from common import cached_evaluation, provenance, write_result
 from robofinetune.images import is_image_key
 
 
@@ -123,19 +123,8 @@ def reused_evaluation(path: str, task: str, episodes: int) -> dict[str, Any]:
 
 
 def evaluate(policy, task: str, episodes: int, seed: int, cache: Path | None = None) -> dict[str, Any]:
-    """``evaluate_policy`` on 2 env processes; with ``cache`` (a file in the policy folder) the result is stored
-    there and reused by the next run with the same policy, task, episodes and seeds, so a crash later in this
-    script (latency) does not cost the evaluation again."""
-    from robofinetune.eval import EvalResult, evaluate_policy
-
-    if cache is not None and cache.exists():
-        stored = json.loads(cache.read_text())
-        result = EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
-        print(f"  reusing {cache}")
-    else:
-        result = evaluate_policy(policy, task, episodes=episodes, num_envs=2, seed=seed)
-        if cache is not None:
-            cache.write_text(json.dumps(result.to_dict(), indent=2))
+    """``evaluate_policy`` on 2 env processes; with ``cache`` see :func:`common.cached_evaluation`."""
+    result = cached_evaluation(policy, task, episodes, seed, cache)
     print(f"  {result.summary()}")
     return {"success": result.success_rate, "success_ci": list(result.success_ci), "successes": result.successes,
             "episodes": result.episodes, "mean_length": result.mean_length, "eval_seconds": result.seconds}

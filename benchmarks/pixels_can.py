@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from common import RESULTS, provenance, write_result
+from common import RESULTS, cached_evaluation, provenance, write_result
 
 FAST = dict(shadows=False, reflections=False, skybox=False, haze=False, multisamples=0)
 
@@ -118,17 +118,12 @@ def chunk_latency_ms(policy, repeats: int = 30) -> float:
 
 
 def evaluate(policy_path: str, episodes: int) -> dict:
-    from robofinetune.eval import EvalResult, evaluate_policy
     from robofinetune.policies import load_policy
 
     policy = load_policy(policy_path, device="cpu")
-    cached = Path(policy_path) / f"eval_can_image_{episodes}_seed100000.json"
-    if cached.exists():  # same policy, episodes and seeds: reuse rather than re-spend ~15 CPU minutes
-        stored = json.loads(cached.read_text())
-        evaluation = EvalResult(**{**stored, "success_ci": tuple(stored["success_ci"])})
-    else:
-        evaluation = evaluate_policy(policy, "can_image", episodes=episodes, num_envs=2, seed=100_000)
-        cached.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    # same policy, episodes and seeds: reuse rather than re-spend ~15 CPU minutes
+    evaluation = cached_evaluation(policy, "can_image", episodes, 100_000,
+                                   Path(policy_path) / f"eval_can_image_{episodes}_seed100000.json")
     print(f"{policy_path}: {evaluation.summary()}")
     meta = policy.checkpoint_metadata
     image_keys = [key for key in policy.config.obs_shapes if key.endswith("_image")]
