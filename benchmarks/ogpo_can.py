@@ -12,7 +12,8 @@ same success (the best success both reach, DPPO's success at the budget, and 90%
     python benchmarks/ogpo_can.py --reuse ogpo:diffusion=runs/A dppo:diffusion=runs/B residual:diffusion=runs/C
         # assemble finished runs (e.g. `robofinetune train ogpo --task=can` continued with --resume) instead of
         # training those method/base pairs here
-Writes benchmarks/results/ogpo_<task>.json (rewritten after every run, so a long benchmark keeps its progress).
+Writes benchmarks/results/ogpo_can.json, other tasks ogpo_methods_<task>.json (rewritten after every run, so a long
+benchmark keeps its progress).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def record_from_residual_result(path: Path, seed: int, base: str) -> dict[str, A
 
 
 def run_method(method: str, task: str, base: str, budget: int, seed: int, eval_episodes: int, runs: Path,
-               extra: dict[str, Any]) -> dict[str, Any]:
+               extra: dict[str, Any], preset: str | Path | None = None) -> dict[str, Any]:
+    """Train ``method`` from ``base`` in a new run folder under ``runs`` and return its record; ``preset``: a
+    YAML of config fields applied after the task preset and before the overrides (``--config`` of the CLI)."""
     import importlib
 
     from robofinetune.config import resolve_config
@@ -109,7 +112,7 @@ def run_method(method: str, task: str, base: str, budget: int, seed: int, eval_e
         overrides["mode"] = "dppo"
     if method == "bc_only":
         overrides["pg_coef"] = 0.0
-    config = resolve_config(module.Config, module_name, overrides)
+    config = resolve_config(module.Config, module_name, overrides, extra_preset=preset)
     run = Run.create(module_name, task, config, root=runs)
     print(f"--- {method} from {base}: {run.path}", flush=True)
     module.train(config, run, resume=False)
@@ -194,7 +197,9 @@ def main() -> None:
                               "eval_episodes": args.eval_episodes, "overrides": extra, "bases": {}}
     if args.note:
         result["note"] = args.note
-    name = f"ogpo_{args.task}.json"
+    # ogpo_pointmass.json belongs to benchmarks/ogpo_pointmass.py (seeds to 90%): other tasks get their own stem
+    stem = "ogpo_can" if args.task == "can" else f"ogpo_methods_{args.task}"
+    name = f"{stem}.json"
     carried = json.loads(Path(args.carry).read_text()) if args.carry else None
     if carried:
         result["carried_from"] = {"file": args.carry, "commit": carried["commit"], "date": carried["date"],
@@ -230,7 +235,7 @@ def main() -> None:
             write_result(name, result)
     for row in result["table"]:
         print(row)
-    plot_curves(result, Path(__file__).resolve().parent / "results" / f"ogpo_{args.task}.png")
+    plot_curves(result, Path(__file__).resolve().parent / "results" / f"{stem}.png")
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:

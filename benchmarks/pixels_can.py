@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -210,6 +211,76 @@ def twin_agreement_summary(path: Path) -> dict:
             "measured_by": {key: twin.get(key) for key in ("command", "commit", "date")}, "source": str(path)}
 
 
+def image_residual_summary(run_path: Path) -> dict:
+    """``image_residual`` from a finished ``robofinetune train residual --task=can_image`` run folder. A run started
+    with ``--eval_base=false`` has no base point of its own: the base's success is then its card's stored
+    100-episode evaluation (same evaluation seeds), and ``base_source`` says so."""
+    summary = json.loads((run_path / "summary.json").read_text())
+    config = yaml.safe_load((run_path / "config.yaml").read_text())
+    base_success, base_ci, base_source = summary["base_success"], summary["base_success_ci"], "the run's own evaluation"
+    if base_success is None:
+        card_eval = Path(config["base"]) / f"eval_can_image_{config['final_eval_episodes']}.json"
+        stored = json.loads(card_eval.read_text())
+        base_success, base_ci, base_source = stored["success_rate"], stored["success_ci"], str(card_eval)
+    records = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [record["perf/env_steps_per_s"] for record in records if "perf/env_steps_per_s" in record]
+    curve = [(int(record["step"]), label, float(record[f"{label}/success"]))
+             for record in records for label in ("base", "eval", "final") if f"{label}/success" in record]
+    bytes_per_transition = summary["replay_bytes_per_transition"]
+    return {"run": str(run_path), "base": config["base"],
+            "base_success": base_success, "base_success_ci": base_ci, "base_source": base_source,
+            "final_success": summary["final_success"], "final_success_ci": summary["final_success_ci"],
+            "episodes": summary["eval_episodes"], "env_steps": summary["env_steps"],
+            "gain_points": round(100 * (summary["final_success"] - base_success), 1),
+            "env_steps_per_s_median": statistics.median(rates) if rates else None,
+            "wall_clock_s": summary["wall_clock_s"], "replay_features": summary["replay_features"],
+            "replay_bytes_per_transition": bytes_per_transition,
+            "replay_mib_at_100k": round(bytes_per_transition * 100_000 / 2**20, 1),
+            "curve": curve, "seed": summary["seed"]}
+
+
+def feature_probe(policy_path: str, image_dataset: Path, state_dataset: Path, demos: int = 80,
+                  train_demos: int = 55) -> dict:
+    """How much of the can's position the frozen encoder features (what the image residual's actor and critic see)
+    carry: a ridge regression from features to the can's position, absolute and relative to the gripper, fitted
+    on ``train_demos`` demos and scored (R^2 per axis) on the rest of the first ``demos``, against proprioception
+    alone. The image dataset is the state one converted, demo for demo, so the state file gives the can's pose."""
+    import h5py
+
+    from robofinetune.policies import load_policy
+    from robofinetune.rl.features import BASE_ENCODER, FrozenFeatures, observation_encoder_of
+
+    encoder = observation_encoder_of(load_policy(policy_path, device="cpu"))
+    features = FrozenFeatures(BASE_ENCODER, list(encoder.shapes), encoder)
+    rows: dict[str, list[np.ndarray]] = {"features": [], "can": [], "proprio": [], "demo": []}
+    with h5py.File(image_dataset, "r") as images, h5py.File(state_dataset, "r") as states:
+        for index in range(demos):
+            frames, state = images[f"data/demo_{index}/obs"], states[f"data/demo_{index}/obs"]
+            observation = {key: frames[key][:] for key in encoder.shapes}
+            count = len(state["object"])
+            rows["features"].append(np.concatenate([features({key: value[start: start + 256] for key, value in
+                                                               observation.items()}) for start in range(0, count, 256)]))
+            rows["can"].append(state["object"][:, :3])
+            rows["proprio"].append(np.concatenate([state["robot0_eef_pos"][:], state["robot0_gripper_qpos"][:]], 1))
+            rows["demo"].append(np.full(count, index))
+    inputs, can, proprio, demo = (np.concatenate(rows[key]) for key in ("features", "can", "proprio", "demo"))
+    train = demo < train_demos
+
+    def held_out_r2(x: np.ndarray, y: np.ndarray) -> list[float]:
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        z = np.c_[(x - mean) / std, np.ones(len(x))]
+        weights = np.linalg.solve(z[train].T @ z[train] + 1e-2 * np.eye(z.shape[1]), z[train].T @ y[train])
+        error = ((z[~train] @ weights - y[~train]) ** 2).sum(0)
+        return [round(float(value), 3) for value in 1 - error / ((y[~train] - y[~train].mean(0)) ** 2).sum(0)]
+
+    relative = can - proprio[:, :3]
+    return {"policy": policy_path, "frames": int(len(inputs)), "feature_dim": int(inputs.shape[1]),
+            "demos_fit": train_demos, "demos_scored": demos - train_demos,
+            "can_xyz_r2": {"features": held_out_r2(inputs, can), "proprioception": held_out_r2(proprio, can)},
+            "can_minus_gripper_xyz_r2": {"features": held_out_r2(inputs, relative),
+                                         "proprioception": held_out_r2(proprio, relative)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--diffusion", help="image diffusion BC policy folder")
@@ -235,8 +306,17 @@ def main() -> None:
                              "--task=can_image ...): becomes image_distill")
     parser.add_argument("--twin-result", type=Path,
                         help="the robot_twin.py result for real_robot/can_image_twin.yaml: becomes twin_agreement")
+    parser.add_argument("--residual-run", type=Path,
+                        help="a finished `robofinetune train residual --task=can_image` run folder: becomes "
+                             "image_residual")
+    parser.add_argument("--feature-probe", metavar="POLICY",
+                        help="an image policy (e.g. policies/can/weak_image_diffusion): how well its frozen features "
+                             "locate the can (held-out R^2), into image_residual.feature_probe")
+    parser.add_argument("--state-dataset", default="datasets/can_scripted_200.hdf5",
+                        help="--feature-probe: the state demos --dataset was converted from")
     parser.add_argument("--summaries-only", action="store_true",
-                        help="measure nothing: keep the last result and (re)read --distill-result / --twin-result")
+                        help="measure nothing: keep the last result and (re)read --distill-result / --twin-result / "
+                             "--residual-run")
     args = parser.parse_args()
     if args.summaries_only:
         args.render_only = args.skip_render = True
@@ -282,8 +362,15 @@ def main() -> None:
             result[key] = summarise(source)
         elif key in previous:
             result[key] = previous[key]
-    if "image_residual" in previous:
+    if args.residual_run is not None:
+        result["image_residual"] = image_residual_summary(args.residual_run)
+    elif "image_residual" in previous:
         result["image_residual"] = previous["image_residual"]
+    if args.feature_probe:
+        result.setdefault("image_residual", {})["feature_probe"] = feature_probe(
+            args.feature_probe, Path(args.dataset), Path(args.state_dataset))
+    elif "feature_probe" in previous.get("image_residual", {}):
+        result.setdefault("image_residual", {})["feature_probe"] = previous["image_residual"]["feature_probe"]
     write_result("pixels_can.json", result)
 
 

@@ -313,6 +313,23 @@ def test_two_runs_with_the_same_seed_log_identical_metrics(pointmass_base, tmp_p
     assert any("train/critic_loss" in row for row in logged[0]) and any("eval/success" in row for row in logged[0])
 
 
+def test_skipping_the_base_evaluation_leaves_training_unchanged(pointmass_base, tmp_path):
+    """--eval_base=false saves the base's evaluation episodes (minutes each on camera tasks) without changing what
+    the run learns: evaluations draw from their own seeds, not the training streams."""
+    base_path, dataset = pointmass_base
+    logged, summaries = [], []
+    for eval_base in (True, False):
+        config = tiny_config(base_path, dataset, num_envs=2, checkpoint_every=0, eval_base=eval_base)
+        run = Run.create("residual", "pointmass", config, root=tmp_path / str(eval_base))
+        summaries.append(train(config, run))
+        logged.append([{key: value for key, value in row.items()
+                        if key != "time" and not key.startswith(("perf/", "base/"))}
+                       for row in Run.open(run.path).metrics()])
+    assert summaries[0]["base_success"] is not None and summaries[1]["base_success"] is None
+    assert [row for row in logged[0] if set(row) != {"step"}] == [row for row in logged[1] if set(row) != {"step"}]
+    assert summaries[0]["final_success"] == summaries[1]["final_success"]
+
+
 def test_critic_head_groups_on_threads_give_the_sequential_update():
     """One thread per group of heads is an implementation detail: the update equals the single-thread one, and
     the REDQ target from the two drawn heads equals the minimum over those heads of the full ensemble."""

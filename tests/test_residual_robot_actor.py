@@ -20,6 +20,7 @@ from robofinetune.algos.residual import ResidualConfig, robot_actor_name, train 
 from robofinetune.config import config_from_dict  # noqa: E402
 from robofinetune.distributed.robot_actor import DEFAULT_NAMESPACE, RobotActorLink, RobotActorSpec  # noqa: E402
 from robofinetune.errors import ConfigError  # noqa: E402
+from robofinetune.robot.transport import ros_available  # noqa: E402
 from robofinetune.rl import RunLoop  # noqa: E402
 from robofinetune.runs import Run  # noqa: E402
 
@@ -95,16 +96,22 @@ def kill_if_running(name):
         pass
 
 
-def test_train_with_the_robot_actor_learns_from_its_rows_without_evaluations(pointmass_base, tmp_path, monkeypatch):
-    base, demos = pointmass_base
-    name = "residual-test-train"
-    config = robot_config(base, demos, robot_actor_name=name)
-    run = Run.create("residual", "pointmass", config, root=tmp_path)
+def train_beside_actor(config, name, root, monkeypatch):
+    """A whole ``train`` with the robot actor ``name``, its drained batches spied on; the actor is gone after."""
+    run = Run.create("residual", "pointmass", config, root=root)
     spy = Spy(monkeypatch)
     try:
         summary = train(config, run)
     finally:
         kill_if_running(name)
+    return run, spy, summary
+
+
+def test_train_with_the_robot_actor_learns_from_its_rows_without_evaluations(pointmass_base, tmp_path, monkeypatch):
+    base, demos = pointmass_base
+    name = "residual-test-train"
+    config = robot_config(base, demos, robot_actor_name=name)
+    run, spy, summary = train_beside_actor(config, name, tmp_path, monkeypatch)
     # every row counted as an env step went into replay once, in the actor's order, none twice
     assert summary["env_steps"] == spy.rows == 300 and spy.checkpoints[-1] == (300, 300)
     assert np.all(np.diff(spy.seq()) > 0) and spy.batches[0].dropped_envs == [0]
@@ -169,8 +176,6 @@ def test_a_resumed_learner_reattaches_to_the_actor_that_kept_acting(pointmass_ba
 @pytest.mark.parametrize("overrides, message", [
     (dict(rollout_in_workers=True, num_env_workers=1), "'robot_actor' cannot be combined with 'rollout_in_workers'"),
     (dict(num_env_workers=1), "'num_env_workers' > 0"),
-    (dict(intervener="scripted"), "'robot_actor' cannot be combined with 'intervener' or 'teleop'"),
-    (dict(teleop="keyboard"), "'robot_actor' cannot be combined with 'intervener' or 'teleop'"),
     (dict(num_envs=2), "'robot_actor' drives one robot: set 'num_envs' to 1"),
 ])
 def test_what_the_robot_actor_cannot_be_combined_with_is_refused(tmp_path, overrides, message):
@@ -184,3 +189,133 @@ def test_a_running_actor_of_another_policy_is_named_not_attached():
     assert spec.policy_differences(RobotActorSpec(**{**spec.__dict__, "seed": 3, "warmup_steps": 7})) == []
     other = RobotActorSpec(**{**spec.__dict__, "base": "policies/b", "actor_kwargs": {"obs_dim": 6, "hidden_dim": 32}})
     assert spec.policy_differences(other) == ["base", "actor_kwargs"]
+
+
+def test_the_robot_actor_runs_the_scripted_intervener_and_the_learner_stores_its_takeovers(pointmass_base, tmp_path,
+                                                                                          monkeypatch):
+    """intervener='scripted' with robot_actor: the expert takes over in the actor's loop; the drained rows carry the
+    flag and the expert's action as the executed one, and the learner stores and counts them as in process."""
+    from robofinetune.envs.experts import PointMassExpert
+    from robofinetune.rl import ReplayBuffer
+
+    base, demos = pointmass_base
+    name = "residual-test-intervener"
+    # stall_distance 1 m: every 5 policy steps count as a stall, so the expert takes over at once and again
+    config = robot_config(base, demos, robot_actor_name=name, intervener="scripted", stall_steps=5,
+                          stall_distance=1.0, takeover_steps=10)
+    run, spy, summary = train_beside_actor(config, name, tmp_path, monkeypatch)
+    assert summary["env_steps"] == spy.rows == 300 and summary["intervener"] == "scripted"
+    rows = [np.concatenate([batch.rows[part] for batch in spy.batches]) for part in range(7)]
+    rl_obs, executed, done, flagged = rows[0], rows[1], rows[4] | rows[5], rows[6]
+    assert flagged.dtype == bool and 0 < flagged.sum() < len(flagged)
+    # on the flagged steps the expert drove: its PD law on the step's observation (the state features are the
+    # task's obs keys agent_pos, agent_vel, goal_pos), not base + residual
+    expert = PointMassExpert()
+    expert_actions = np.array([expert.act({"agent_pos": x[0:2], "agent_vel": x[2:4], "goal_pos": x[4:6]})
+                               for x in rl_obs.astype(np.float64)])
+    np.testing.assert_allclose(executed[flagged], expert_actions[flagged], atol=1e-4)
+    assert not np.allclose(executed[~flagged], expert_actions[~flagged], atol=1e-3)
+    # the counters the in-process loop keeps: over the finished episodes, operator steps and takeovers (runs of
+    # flagged steps within an episode)
+    ended = int(np.flatnonzero(done).max()) + 1
+    follows_takeover = np.concatenate([[False], flagged[:-1] & ~done[:-1]])
+    assert summary["operator_steps"] == flagged[:ended].sum() > 0
+    assert summary["takeovers"] == (flagged & ~follows_takeover)[:ended].sum() > 0
+    assert summary["intervention_rate_last"] > 0
+    logged = [row for row in Run.open(run.path).metrics() if "train/intervention_rate" in row]
+    assert logged and logged[-1]["train/intervention_rate"] > 0 and logged[-1]["train/intervened_steps"] > 0
+    assert (run.path / "intervention_curve.png").exists() and summary["episodes_dataset"] is None
+    # the replay: every row in the online buffer with its flag and executed action, the intervened ones copied
+    # into the demo buffer
+    online, offline = ReplayBuffer(8, 2, 300), ReplayBuffer(8, 2, 10_000)
+    online.load(run.checkpoints / "latest" / "online.npz")
+    offline.load(run.checkpoints / "latest" / "offline.npz")
+    assert len(online) == 300
+    np.testing.assert_array_equal(online.is_intervention[:300], flagged)
+    np.testing.assert_array_equal(online.action[:300], executed)
+    copied = offline.is_intervention[: len(offline)]
+    assert copied.sum() == flagged.sum()
+    np.testing.assert_array_equal(offline.action[: len(offline)][copied], executed[flagged])
+
+
+def test_the_robot_actor_spec_carries_and_checks_who_may_take_over():
+    spec = RobotActorSpec(task="pointmass", base="policies/a", actor_kwargs={"obs_dim": 8, "hidden_dim": 16},
+                          intervener="scripted", scripted={"stall_steps": 5, "stall_distance": 1.0})
+    assert spec.check() is spec
+    # a running actor with another intervener (or other stall settings) is not attached to
+    assert spec.policy_differences(RobotActorSpec(**{**spec.__dict__, "intervener": "none", "scripted": {}})) == [
+        "intervener", "scripted"]
+    assert spec.policy_differences(RobotActorSpec(**{**spec.__dict__, "seed": 4})) == []
+    with pytest.raises(ConfigError, match="intervener is 'human'"):
+        RobotActorSpec(**{**spec.__dict__, "intervener": "human"}).check()
+    with pytest.raises(ConfigError, match="teleop and intervener both set"):
+        RobotActorSpec(**{**spec.__dict__, "teleop": "keyboard"}).check()
+    with pytest.raises(ConfigError, match="stall_steps"):
+        RobotActorSpec(**{**spec.__dict__, "scripted": {"stall_steps": 0}}).check()
+
+
+@pytest.mark.ros
+@pytest.mark.skipif(not ros_available(), reason="ROS 1 is not installed (scripts/ci_ros.sh install)")
+def test_the_robot_actor_takes_the_operators_teleop_over_ros_and_the_learner_stores_it(pointmass_base, tmp_path,
+                                                                                      monkeypatch):
+    """teleop='ros-topic' with robot_actor, on the lockstep MuJoCo twin over a real roscore: the twin's expert plays
+    the operator on the ROS teleop topics (takeover at episode step 5, handback at 16); the robot actor's loop takes
+    the operator's commands, and the learner stores its rows flagged with the command the safety layer sent."""
+    import dataclasses
+    import os
+
+    from robofinetune.envs.experts import make_expert
+    from robofinetune.robot.roscore import session_master
+    from robofinetune.rl import ReplayBuffer
+    from test_interventions_ros import EVENT_LATENESS, HANDBACK, MAX_DELTA, TAKEOVER, robot_yaml
+    from test_robot_ros import Twin
+
+    session_master()
+    # the Ray workers started before this test's roscore: the actor gets its address, as a robot PC's Ray node would
+    # have it in its environment
+    ros_environment = {key: os.environ[key] for key in ("ROS_MASTER_URI", "ROS_IP", "ROS_HOME", "ROS_LOG_DIR")
+                       if key in os.environ}
+    start = RobotActorLink.start.__func__
+    monkeypatch.setattr(RobotActorLink, "start", classmethod(
+        lambda cls, spec, **kwargs: start(cls, dataclasses.replace(spec, environment=ros_environment), **kwargs)))
+    base, demos = pointmass_base
+    robot = robot_yaml(tmp_path)   # the lockstep twin at 100 Hz, a per-step delta limit of MAX_DELTA
+    name = "residual-test-teleop"
+    # robot_control_rate 0: the YAML's rate (an override would be refused with teleop)
+    config = robot_config(base, demos, task=str(robot), robot_actor_name=name, teleop="ros-topic",
+                          robot_control_rate=0.0, total_env_steps=120, warmup_steps=20, log_every=40)
+    run = Run.create("residual", "pointmass", config, root=tmp_path / "runs")
+    spy = Spy(monkeypatch)
+    try:
+        with Twin(robot, "--expert-teleop", "--takeover", f"{TAKEOVER}:{HANDBACK}"):
+            summary = train(config, run)
+    finally:
+        kill_if_running(name)
+    assert summary["env_steps"] == spy.rows == 120 and summary["intervener"] == "ros-topic"
+    rows = [np.concatenate([batch.rows[part] for batch in spy.batches]) for part in range(7)]
+    rl_obs, executed, done, flagged = rows[0], rows[1].astype(np.float64), rows[4] | rows[5], rows[6]
+    assert spy.batches[0].seq[0] == 0   # the actor's first episode from its first step
+    expert = make_expert("pointmass")   # noise-free, a function of the observation: what the twin published
+    starts = np.concatenate([[0], np.flatnonzero(done) + 1])
+    episodes = [(start, end) for start, end in zip(starts, np.append(starts[1:], len(flagged))) if end > start]
+    for start, end in episodes:
+        steps = np.flatnonzero(flagged[start:end])
+        if end - start <= TAKEOVER + EVENT_LATENESS:
+            continue   # the budget ended this (last, unfinished) episode before the takeover could land
+        # one block: from the takeover's observation (or up to EVENT_LATENESS steps later) to the handback's
+        assert len(steps) and np.all(np.diff(steps) == 1), steps
+        assert TAKEOVER <= steps[0] <= TAKEOVER + EVENT_LATENESS, steps
+        assert steps[-1] == end - start - 1 or HANDBACK - 1 <= steps[-1] <= HANDBACK - 1 + EVENT_LATENESS, steps
+        previous = np.concatenate([[[0.0, 0.0]], executed[start:end - 1]])   # the safety layer starts from hold
+        for t in steps:
+            x = rl_obs[start + t].astype(np.float64)
+            wanted = expert.act({"agent_pos": x[0:2], "agent_vel": x[2:4], "goal_pos": x[4:6]})
+            wanted = np.clip(wanted, previous[t] - MAX_DELTA, previous[t] + MAX_DELTA)
+            np.testing.assert_allclose(executed[start + t], wanted, atol=1e-4, err_msg=f"episode step {t}")
+    ended = int(np.flatnonzero(done).max()) + 1
+    assert summary["operator_steps"] == flagged[:ended].sum() >= HANDBACK - TAKEOVER - EVENT_LATENESS
+    assert summary["takeovers"] >= 1
+    online = ReplayBuffer(8, 2, 120)
+    online.load(run.checkpoints / "latest" / "online.npz")
+    np.testing.assert_array_equal(online.is_intervention[:120], flagged)
+    np.testing.assert_array_equal(online.action[:120], rows[1])

@@ -14,13 +14,17 @@ The update step is :func:`td3_update`; the loop is :func:`train`; one acting ste
 env step, the replay row) is :class:`robofinetune.rl.residual_acting.ResidualActing`, which the Ray policy workers
 (``--num-env-workers=N --rollout-in-workers``, :mod:`robofinetune.distributed.policy_workers`) and the robot actor
 (``--robot-actor``, :mod:`robofinetune.distributed.robot_actor`: a robot driven from its own computer, no
-evaluation episodes) run as well.
+evaluation episodes; its operator's or scripted expert's takeovers run there, in the actor's loop) run as well.
 
 Interventions (HIL-SERL; ``--intervener=scripted`` in sim, ``--teleop=keyboard|spacemouse|ros-topic`` on a
 robot; :mod:`robofinetune.rl.interventions`). While someone else drives, the executed action a_h is theirs and the
 policy's proposal is logged beside it (``policy_action``). Every replay row carries ``is_intervention``;
 intervened rows go to the online buffer and are copied into the demo buffer (RLPD's symmetric sampling then
-draws them as demos), each takeover its own n-step chain there. How the learner uses them:
+draws them as demos), each takeover its own n-step chain there. With ``--robot-actor`` the takeovers happen in
+the robot actor's loop (the intervener or teleop source sits beside the robot, never waiting for this learner)
+and its rows carry the flag and the executed action: they are stored, and the intervention counters and metrics
+kept, as here (only the run's episodes dataset is not written: the actor sends rows, not observations). How the
+learner uses them:
 
 - critic: learns Q(x, a_h) from the executed action as it is, not clipped into the residual's reach
   [b - action_scale, b + action_scale]: a_h is what produced the next state and reward, so a clipped action
@@ -145,6 +149,8 @@ class ResidualConfig:
     warmup_steps: int = 5_000
     warmup_noise: float = 0.1
     # evaluation, logging, checkpoints
+    eval_base: bool = True            # evaluate the frozen base first (the curve's first point; off when its card's
+                                      # evaluation already holds that figure and the episodes cost minutes each)
     eval_every: int = 10_000
     eval_episodes: int = 50
     final_eval_episodes: int = 100
@@ -378,13 +384,11 @@ def check_rollout_in_workers(config: ResidualConfig) -> None:
 
 def check_robot_actor(config: ResidualConfig) -> None:
     """ConfigError for what ``robot_actor`` cannot be combined with: the actor is the only thing that steps an env
-    (no learner-side envs, workers or operators beside it), and it drives one robot."""
+    (no learner-side envs or workers beside it; an intervener or teleop operator goes into the actor), and it
+    drives one robot."""
     if config.rollout_in_workers or config.num_env_workers > 0:
         raise ConfigError("config field 'robot_actor' cannot be combined with 'rollout_in_workers' or "
                           "'num_env_workers' > 0: the robot actor is the only env of the run")
-    if config.intervener != "none" or config.teleop:
-        raise ConfigError("config field 'robot_actor' cannot be combined with 'intervener' or 'teleop': an operator "
-                          "would have to sit beside the robot, in the actor, which does not take one from train yet")
     if config.num_envs != 1:
         raise ConfigError(f"config field 'robot_actor' drives one robot: set 'num_envs' to 1, got {config.num_envs}")
     if config.episodes_format not in ("", "none"):
@@ -570,24 +574,28 @@ class TrainingEpisodeSuccess:
 
 
 def connect_robot_actor(config: ResidualConfig, actor_kwargs: dict[str, Any], feature_kind: str,
-                        env_steps: int) -> Any:
+                        env_steps: int, scripted: Any = None) -> Any:
     """A :class:`~robofinetune.distributed.robot_actor.RobotActorLink` to the robot actor named for this run: the
     running one (a resumed learner; the robot kept acting meanwhile), else a new one acting as the in-process
-    loop would (same base, actor, features, noise and seed; the warm-up left after ``env_steps``)."""
+    loop would (same base, actor, features, noise and seed; the warm-up left after ``env_steps``; the same
+    intervener, with ``scripted`` its ScriptedInterventionConfig, or teleop operator)."""
     from robofinetune.distributed.robot_actor import RobotActorError, RobotActorLink, RobotActorSpec, running_spec
 
     name, address = robot_actor_name(config), config.ray_address or None
     spec = RobotActorSpec(task=config.task, base=str(base_path(config.base, config.task)), actor_kwargs=actor_kwargs,
                           feature_kind=feature_kind, control_rate=config.robot_control_rate or None,
                           exploration_noise=config.exploration_noise, warmup_noise=config.warmup_noise,
-                          warmup_steps=max(0, config.warmup_steps - env_steps), seed=config.seed)
+                          warmup_steps=max(0, config.warmup_steps - env_steps), seed=config.seed,
+                          teleop=config.teleop, intervener=config.intervener,
+                          scripted=asdict(scripted) if scripted is not None and config.intervener == "scripted" else {})
     running = running_spec(name, ray_address=address)
     if running is not None:
         # checked before attaching, which would take the actor's weights over from whichever learner has it
         different = spec.policy_differences(running)
         if different:
-            raise RobotActorError(f"the robot actor {name!r} runs another policy than this run ({different} differ): "
-                                  f"stop it, or name another actor (config field 'robot_actor_name')")
+            raise RobotActorError(f"the robot actor {name!r} runs another policy or intervener than this run "
+                                  f"({different} differ): stop it, or name another actor (config field "
+                                  f"'robot_actor_name')")
         link = RobotActorLink.attach(name, weights_every=config.weights_every, ray_address=address)
         print(f"attached to the running robot actor {name!r} ({link.stats().steps} steps so far)", flush=True)
         return link
@@ -686,7 +694,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
             offline.add_episode(episode, obs_keys, extra=label, states=states)
         policy.actor.set_observation_statistics(offline.obs[: len(offline), : feature_dim], config.obs_std_floor)
         learner.actor_target.load_state_dict(policy.actor.state_dict())
-        if not config.robot_actor:   # evaluation episodes would open a second connection to the actor's robot
+        # evaluation episodes would open a second connection to the robot actor's robot
+        if config.eval_base and not config.robot_actor:
             # zero-initialised residual: this *is* the base policy's success rate
             loop.evaluate(policy, episodes=config.final_eval_episodes, label="base")
 
@@ -719,7 +728,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         if not config.robot_actor_name:   # kept in config.yaml: a --resume reattaches to this name
             config.robot_actor_name = robot_actor_name(config)
             run.save_config(config)
-        robot_link = connect_robot_actor(config, actor_kwargs, feature_kind, loop.env_steps)
+        robot_link = connect_robot_actor(config, actor_kwargs, feature_kind, loop.env_steps, scripted)
         envs, operator = None, None
     elif config.rollout_in_workers:
         from robofinetune.distributed.policy_workers import RayPolicyRollout
@@ -742,7 +751,8 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     rollout = VectorRollout(envs) if envs is not None else None
     acting = ResidualActing(rollout, base, policy.actor, features, noise_rng, config.exploration_noise,
                             config.warmup_noise) if rollout is not None else None
-    episodes_format = config.episodes_format or ("robomimic" if intervening else "none")
+    # the robot actor sends replay rows, not observations: no episodes dataset from it (check_robot_actor)
+    episodes_format = config.episodes_format or ("robomimic" if intervening and not config.robot_actor else "none")
     episodes = None
     if episodes_format != "none":
         robot = getattr(envs.envs[0].unwrapped, "config", None) if operator is not None else None

@@ -4,8 +4,8 @@ control rate and hands replay rows to a learner elsewhere (a GPU box), which sen
 Why a separate actor. A robot cannot wait for a learner: a loop that pauses for a gradient step, a network hiccup
 or a learner restart leaves the arm holding stale commands mid-motion. So :class:`RobotActor` owns the robot
 (a :class:`~robofinetune.robot.env.RobotEnv`, its safety layer and an optional teleop operator; or any task's env,
-for tests and dry runs), the frozen base and the residual actor, and runs the control loop in a thread of its
-own that never waits for the learner:
+for tests and dry runs, optionally with the task's scripted expert as the intervener), the frozen base and the
+residual actor, and runs the control loop in a thread of its own that never waits for the learner:
 
 - it acts with :class:`~robofinetune.rl.residual_acting.ResidualActing`, the step ``train residual`` and the Ray
   policy workers use, so its rows are the same replay rows, each tagged with the weights version it acted with;
@@ -16,7 +16,15 @@ own that never waits for the learner:
   swaps them in between two steps. A learner that is gone or slow leaves the loop acting with the last weights
   it got (before any weights: the base with ResFiT's warm-up noise); the safety layer is untouched by all this;
 - a step the robot aborts (its observations stopped; the watchdog held it) gives no row; a robot that will not
-  start an episode (e-stop engaged, no observations) is asked again every second, and the stats say why.
+  start an episode (e-stop engaged, no observations) is asked again every second, and the stats say why;
+- takeovers (``teleop``: an operator on the robot's computer; ``intervener='scripted'``: the simulated task's
+  expert) happen here, in the loop: the env is wrapped in
+  :class:`~robofinetune.rl.interventions.InterventionWrapper` (built by
+  :func:`~robofinetune.rl.interventions.make_training_envs`, as in the in-process ``train residual``), which asks
+  the operator (polls the teleop source and keys) before every step. A row's action is then the executed one and
+  its last array the ``is_intervention`` flag, and each finished episode's outcome counts its intervened steps and
+  takeovers, exactly as the in-process loop's rows and outcomes, so the learner stores and counts them the same
+  way. An operator's takeover never waits for the learner.
 
 The learner's side is :class:`RobotActorLink`. The actor is a named, detached Ray actor, so a learner that
 crashes or restarts attaches to it again by name (:meth:`RobotActorLink.attach`) while the robot keeps going.
@@ -59,8 +67,11 @@ actor stops (``robot_actor_keep_running`` detaches instead). No evaluation runs:
 would open a second connection to the robot the actor drives, so the run logs the actor's own training episodes
 (``train/episode_success``, exploration noise included) every ``eval_every`` env steps, summary.json keeps
 ``base_success``/``final_success`` null and says why (evaluate with ``robofinetune deploy``); ``--gate``, an
-off-policy evaluation on logged data, runs as usual. Not with ``rollout_in_workers``, ``num_env_workers``,
-``intervener``/``teleop`` (an operator would sit in the actor) or more than one env.
+off-policy evaluation on logged data, runs as usual. ``intervener``/``teleop`` (and the scripted intervener's
+settings) go to the actor, whose loop runs the takeovers; the learner stores the flagged rows and logs the
+intervention counters as the in-process loop does (no ``episodes.hdf5``: the actor sends replay rows, not
+observations; a robot without a success topic, whose episodes wait for the operator's mark, is refused). Not
+with ``rollout_in_workers``, ``num_env_workers``, ``episodes_format`` or more than one env.
 """
 
 from __future__ import annotations
@@ -70,7 +81,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +120,9 @@ class RobotActorSpec:
 
     ``warmup_steps``: the loop acts with the base plus uniform ``warmup_noise`` for this many steps, and until the
     first weights arrive. ``outbox_rows``: rows kept for the learner before the oldest are dropped.
-    ``teleop``: an operator who may take over (keyboard | spacemouse | ros-topic; robots only).
+    ``teleop``: an operator who may take over (keyboard | spacemouse | ros-topic; robots only). ``intervener``:
+    ``"scripted"``, the simulated task's scripted expert takes over on a stall, with ``scripted`` the fields of a
+    :class:`~robofinetune.rl.interventions.ScriptedInterventionConfig` ({}: its defaults); ``"none"``: no one.
     ``overrides``: ``make_env``'s (a robot YAML's dotted fields, or a sim task's, e.g. ``horizon``).
     ``environment``: variables set in the actor's process before the env starts (``ROS_MASTER_URI``, ``ROS_IP``
     when the Ray node was started without them).
@@ -128,6 +141,8 @@ class RobotActorSpec:
     stats_window: int = 200
     weights_poll_s: float = 0.05
     teleop: str = ""
+    intervener: str = "none"
+    scripted: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -139,15 +154,27 @@ class RobotActorSpec:
                 raise ConfigError(f"robot actor: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.weights_poll_s <= 0:
             raise ConfigError("robot actor: warmup_steps must be >= 0 and weights_poll_s > 0")
+        from robofinetune.rl.interventions import INTERVENERS, ScriptedInterventionConfig
+
+        if self.intervener not in INTERVENERS:
+            raise ConfigError(f"robot actor: intervener is {self.intervener!r}; choose one of {list(INTERVENERS)}")
+        if self.teleop and self.intervener != "none":
+            raise ConfigError("robot actor: teleop and intervener both set: the operator (teleop) or the scripted "
+                              "expert (intervener) takes over, not both")
+        ScriptedInterventionConfig(**self.scripted).check()
         return self
 
     def policy_differences(self, other: RobotActorSpec) -> list[str]:
-        """The fields that decide what the actor's rows and weights are (task, base, actor shape, features) on
-        which ``other`` (a running actor's spec) differs from this one: a learner with different ones cannot use
-        its rows, nor can the actor load its weights."""
-        return [name for name in ("task", "base", "actor_kwargs", "feature_kind")
+        """The fields that decide what the actor's rows and weights are (task, base, actor shape, features, who
+        may take over and how) on which ``other`` (a running actor's spec) differs from this one: a learner with
+        different ones cannot use its rows (or would store intervened rows it has no room or settings for), nor
+        can the actor load its weights."""
+        defaults = {name: spec.default_factory() if spec.default_factory is not MISSING else spec.default
+                    for name, spec in RobotActorSpec.__dataclass_fields__.items()}
+        # a running actor started before a field existed has its default
+        return [name for name in ("task", "base", "actor_kwargs", "feature_kind", "intervener", "teleop", "scripted")
                 if (_local_path(getattr(self, name)) if name in ("task", "base") else getattr(self, name))
-                != getattr(other, name)]
+                != getattr(other, name, defaults[name])]
 
 
 @dataclass
@@ -433,23 +460,30 @@ def _control_rate(spec: RobotActorSpec) -> tuple[bool, float, dict[str, Any]]:
 
 
 def _make_envs(spec: RobotActorSpec, overrides: dict[str, Any], is_robot: bool) -> tuple[Any, Any]:
-    """One env (a robot, with its operator when ``teleop``) as the one-env vector env ResidualActing steps."""
+    """One env as the one-env vector env ResidualActing steps: a robot, with its operator when ``teleop``; a
+    simulated task, with its scripted expert when ``intervener='scripted'``. Either way the env is wrapped in
+    ``InterventionWrapper`` by ``make_training_envs``, as the in-process ``train residual`` wraps its envs."""
     from robofinetune.envs import make_vector_env
 
     seed = worker_seeds(spec.seed, 0, 0)[0]
-    if spec.teleop:
-        if not is_robot:
-            raise ConfigError(f"robot actor: teleop ({spec.teleop!r}) needs a robot YAML task, got {spec.task!r}")
-        if overrides:
-            raise ConfigError("robot actor: teleop with overrides is not supported; write them into the robot YAML")
-        from robofinetune.rl.interventions import make_training_envs
+    if not spec.teleop and spec.intervener == "none":
+        return make_vector_env(spec.task, 1, seed=seed, asynchronous=False, **overrides), None
+    if spec.teleop and not is_robot:
+        raise ConfigError(f"robot actor: teleop ({spec.teleop!r}) needs a robot YAML task, got {spec.task!r}")
+    if overrides:
+        what = f"teleop ({spec.teleop!r})" if spec.teleop else f"intervener {spec.intervener!r}"
+        raise ConfigError(f"robot actor: {what} with overrides ({sorted(overrides)}) is not supported; write them "
+                          f"into the task's or robot's YAML")
+    from robofinetune.rl.interventions import ScriptedInterventionConfig, make_training_envs
 
-        envs, operator = make_training_envs(spec.task, 1, seed, teleop=spec.teleop)
-        if operator.mark_ends_episode:
-            raise ConfigError(f"robot file '{spec.task}' has no success topic: its episodes wait for an operator's "
-                              f"mark, which a free-running robot actor cannot; add a 'success' topic")
-        return envs, operator
-    return make_vector_env(spec.task, 1, seed=seed, asynchronous=False, **overrides), None
+    # make_training_envs refuses a scripted intervener on a robot (it needs the simulator's state)
+    envs, operator = make_training_envs(spec.task, 1, seed, intervener=spec.intervener, teleop=spec.teleop,
+                                        scripted=ScriptedInterventionConfig(**spec.scripted))
+    if operator is not None and operator.mark_ends_episode:
+        envs.close()   # the wrapper closes its operator (source, keys)
+        raise ConfigError(f"robot file '{spec.task}' has no success topic: its episodes wait for an operator's "
+                          f"mark, which a free-running robot actor cannot; add a 'success' topic")
+    return envs, operator
 
 
 def _local_path(path: str) -> str:
