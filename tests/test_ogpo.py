@@ -639,6 +639,25 @@ def test_presets_load_whole_and_pass_the_config_checks(name):
         assert (config.dppo.ft_denoising_steps, config.chain_steps, config.dppo.critic_warmup_iterations) == (10, 20, 2)
 
 
+def test_pointmass_presets_of_the_seeds_benchmark_load_and_keep_their_recipes():
+    """benchmarks/ogpo_pointmass.py's two presets over the pointmass task preset: the reference-style update for
+    OGPO and DPPO's recipe for DPPO, each passing the config checks."""
+    from robofinetune.algos.ogpo import _check_config
+    from robofinetune.config import resolve_config
+    from robofinetune.paths import configs_dir
+
+    reference = resolve_config(OGPOConfig, "ogpo", {"task": "pointmass"},
+                               extra_preset=configs_dir() / "ogpo" / "pointmass_reference.yaml")
+    _check_config(reference)
+    assert reference.mode != "dppo" and (reference.target_actor_tau, reference.ratio_per_chain,
+                                         reference.chain_noise, reference.success_td) == (0.005, True, "tapered", True)
+    assert (reference.bc_from_demos, reference.bc_online_successes, reference.offline_fraction) == (False, True, 0.0)
+    dppo = resolve_config(OGPOConfig, "ogpo", {"task": "pointmass"},
+                          extra_preset=configs_dir() / "ogpo" / "pointmass_dppo.yaml")
+    _check_config(dppo)
+    assert dppo.mode == "dppo" and dppo.dppo.critic_warmup_iterations == 2
+
+
 @pytest.mark.slow
 def test_reference_style_run_resumes_with_target_actor_and_success_rows(poor_base, tmp_path):
     """The reference's options together on pointmass (diffusion base: constant noise): EMA target actor,
