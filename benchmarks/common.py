@@ -56,3 +56,14 @@ def cached_evaluation(policy: Any, task: str, episodes: int, seed: int, cache: P
     if cache is not None:
         cache.write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def eval_curve(run_path: Path) -> list[tuple[int, str, float]]:
+    """(env steps, label, success) of every evaluation a run logged in its metrics.jsonl (base, periodic, final)."""
+    points = []
+    for line in (run_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for label in ("base", "eval", "final"):
+            if f"{label}/success" in record:
+                points.append((int(record["step"]), label, float(record[f"{label}/success"])))
+    return points

@@ -23,21 +23,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import provenance, write_result
+from common import eval_curve, provenance, write_result
 
 METHODS = ("ogpo", "dppo", "residual")
 # also available: "bc_only" (OGPO with pg_coef=0: the success-buffer BC term alone, to see what PPO adds)
-
-
-def eval_curve(run_path: Path) -> list[tuple[int, str, float]]:
-    """(env steps, label, success) of every evaluation a run logged (base, periodic, final)."""
-    points = []
-    for line in (run_path / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for label in ("base", "eval", "final"):
-            if f"{label}/success" in record:
-                points.append((int(record["step"]), label, float(record[f"{label}/success"])))
-    return points
 
 
 def steps_to(curve: list[tuple[int, str, float]], threshold: float) -> int | None:
