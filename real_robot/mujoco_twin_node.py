@@ -25,7 +25,8 @@ It reads the robot YAML the runner reads, and speaks its side of it:
   ``handback`` with observation END (before the observation, so a lockstep learner has the event when it acts);
   ``--teleop-jolt STEP`` replaces the action for observation STEP by a full-scale command opposite to the last
   command the twin ran (a jump no per-step delta limit below 1 lets through);
-  ``--teleop-bad STEP:nan|size`` replaces it by a bad one (a NaN first value, or one value too many).
+  ``--teleop-bad STEP:nan|size`` replaces it by a bad one (a NaN first value, or one value too many);
+  ``--operator-stop STEP`` publishes ``stop`` (the operator's stop key) with observation STEP.
 
 ``twin.mode``: ``realtime`` steps the sim at ``control_rate`` on its own clock with the newest command (zero-order
 hold; the hold action once the command is older than ``twin.command_timeout``), as hardware does;
@@ -73,7 +74,7 @@ class TwinNode:
             self.expert = make_expert(config.task.name if config.task.expert is None else config.task.expert,
                                       noise=noise, seed=seed)
         self.hold = np.zeros(config.action_dim)
-        # episode step -> what the scripted operator does there: takeover, handback, jolt, bad:nan, bad:size
+        # episode step -> what the scripted operator does there: takeover, handback, stop, jolt, bad:nan, bad:size
         self.operator_script = operator_script or {}
         self.last_command = np.zeros(config.action_dim)   # the command the sim last stepped with
         self.transport = make_transport(config)
@@ -157,7 +158,7 @@ class TwinNode:
         script = self.operator_script.get(self.steps, []) if with_teleop else []
         if self.event_pub is not None:
             for event in script:
-                if event in ("takeover", "handback"):
+                if event in ("takeover", "handback", "stop"):
                     self.event_pub.publish({"data": event})
         stamp = time.time()
         by_topic: dict[str, list[dict[str, Any]]] = {}
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                         "opposite to the last one at episode step STEP")
     parser.add_argument("--teleop-bad", action="append", default=[], metavar="STEP:nan|size",
                         help="with --expert-teleop: a bad command at episode step STEP")
+    parser.add_argument("--operator-stop", type=int, metavar="STEP", help="with --expert-teleop: the operator's "
+                        "stop event at episode step STEP")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a robot YAML field")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             script.setdefault(end, []).append("handback")
         if args.teleop_jolt is not None:
             script.setdefault(args.teleop_jolt, []).append("jolt")
+        if args.operator_stop is not None:
+            script.setdefault(args.operator_stop, []).append("stop")
         for item in args.teleop_bad:
             step, kind = item.split(":")
             if kind not in ("nan", "size"):
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error("--takeover is START:END, --teleop-jolt STEP, --teleop-bad STEP:nan|size (steps: integers)")
     if script and not args.expert_teleop:
-        parser.error("--takeover, --teleop-jolt and --teleop-bad script the operator: they need --expert-teleop")
+        parser.error("--takeover, --teleop-jolt, --teleop-bad and --operator-stop script the operator: they need "
+                     "--expert-teleop")
     node = TwinNode(load_robot_config(args.robot, parse_set_overrides(args.set)), mode=args.mode, expert_teleop=args.expert_teleop,
                     expert_noise=args.expert_noise, seed=args.seed, verbose=not args.quiet, operator_script=script)
 

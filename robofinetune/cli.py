@@ -1,6 +1,6 @@
 """The ``robofinetune`` command.
 
-    robofinetune collect --task=can --source=scripted --episodes=200 [--num-envs=2]
+    robofinetune collect --task=can --source=scripted --episodes=200 [--num-envs=2 | --num-env-workers=N]
     robofinetune data info PATH | data convert SRC DST
     robofinetune data convert RUN.bag|RUN.mcap|ROS2_BAG_DIR [...] DST --robot=real_robot/<robot>.yaml
     robofinetune train bc|residual|ogpo --task=can [--key=value ...] [--resume=RUN_DIR]
@@ -10,6 +10,7 @@
     robofinetune ogpo-probe --task=can [--critic NAME=PRESET.yaml ...] [--episodes=120 --train-episodes=80]
     robofinetune deploy --robot=real_robot/can_twin.yaml --policy=PATH --episodes=N
     robofinetune record --robot=real_robot/can_twin.yaml --teleop=keyboard
+    robofinetune robot-actor status|stop --name=residual-<robot> [--ray-address=auto]
 
 Any command takes --verbose: the simulator's own start-up warnings and info lines on the terminal too (by
 default they go only to robosuite.log in the run folder).
@@ -46,6 +47,8 @@ EXTRA_COMMANDS = {
     "record": ("robofinetune.robot.cli", "add_record_parser", "record teleoperated episodes into a dataset"),
     "ogpo-probe": ("robofinetune.algos.critic_probe", "add_probe_parser",
                    "does a critic rank a policy's chains? (OGPO critic probe)"),
+    "robot-actor": ("robofinetune.distributed.robot_actor_cli", "add_robot_actor_parser",
+                    "status / stop a robot actor (train residual --robot-actor)"),
 }
 
 
@@ -61,7 +64,8 @@ def _command_collect(args: argparse.Namespace) -> int:
     noise_tag = f"_noise{args.noise:g}" if args.noise else ""
     output = Path(args.output) if args.output else datasets_dir() / f"{args.task}_{args.source}_{args.episodes}{noise_tag}.hdf5"
     episodes = collect_episodes(args.task, args.episodes, source=args.source, noise=args.noise, seed=args.seed,
-                                only_success=args.only_success, num_envs=args.num_envs)
+                                only_success=args.only_success, num_envs=args.num_envs,
+                                num_env_workers=args.num_env_workers, ray_address=args.ray_address)
     save_dataset(episodes, output, env_meta={"env_name": args.task, "task": args.task, "source": args.source,
                                               "noise": args.noise, "seed": args.seed})
     successes = sum(episode.success for episode in episodes)
@@ -300,6 +304,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     collect.add_argument("--num-envs", type=int, default=None,
                          help="parallel env processes (default: 2, or 1 on a one-core machine); the episodes and "
                               "the file are the same for any number")
+    collect.add_argument("--num-env-workers", type=int, default=0,
+                         help="run the episodes in this many Ray actors (one env each) instead of --num-envs local "
+                              "processes (default 0); the file is the same")
+    collect.add_argument("--ray-address", default="",
+                         help="with --num-env-workers: empty starts a local Ray; 'auto' or ray://host:port joins a "
+                              "cluster (README: Scaling out on Ray)")
 
     data = commands.add_parser("data", help="inspect and convert datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

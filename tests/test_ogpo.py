@@ -637,6 +637,10 @@ def test_presets_load_whole_and_pass_the_config_checks(name):
     if name == "can_dppo":
         assert config.mode == "dppo" and config.dppo.steps_per_iteration == 60_000
         assert (config.dppo.ft_denoising_steps, config.chain_steps, config.dppo.critic_warmup_iterations) == (10, 20, 2)
+        # DPPO's batch_size 7500 counts (chunk, denoising step) pairs: 20 gradient steps an epoch over 15,000 chunks
+        chunks = config.dppo.steps_per_iteration // 4
+        assert config.dppo.minibatch * config.dppo.ft_denoising_steps == 7500
+        assert chunks // config.dppo.minibatch == chunks * config.dppo.ft_denoising_steps // 7500 == 20
 
 
 def test_pointmass_presets_of_the_seeds_benchmark_load_and_keep_their_recipes():
@@ -656,6 +660,8 @@ def test_pointmass_presets_of_the_seeds_benchmark_load_and_keep_their_recipes():
                           extra_preset=configs_dir() / "ogpo" / "pointmass_dppo.yaml")
     _check_config(dppo)
     assert dppo.mode == "dppo" and dppo.dppo.critic_warmup_iterations == 2
+    # as many gradient steps an epoch as DPPO's can recipe (20): chunks of 2 env steps here
+    assert dppo.dppo.steps_per_iteration // 2 // dppo.dppo.minibatch == 20
 
 
 @pytest.mark.slow

@@ -1,11 +1,17 @@
 """The robot actor (robofinetune.distributed.robot_actor): its loop keeps the control rate while the learner is slow,
 published weights reach it and it acts with them, drained rows are never delivered twice and carry their version,
-and a new learner attaches by name to the running actor. On a simulated pointmass paced at 20 Hz, and over a real
-roscore with the realtime MuJoCo twin. Uses the session's local Ray (tests/conftest.py)."""
+and a new learner attaches by name to the running actor, but not while another learner holds it (unless it takes it
+over, or the holder died and its lease ran out); `robofinetune robot-actor status|stop` reach it without attaching.
+On a simulated pointmass paced at 10 Hz, and over a real roscore with the realtime MuJoCo twin. Uses the session's
+local Ray (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +39,7 @@ SIM_NAME = "sim-robot"
 # sample ~5 ms, and the loop must absorb stalls of a starved process
 RATE = 10.0
 OUTBOX_ROWS = 10       # one second of rows: a learner that drains 5 rows once a second loses some
+LEASE_S = 10.0         # an attached learner not heard from for this long counts as gone
 ACTOR_KWARGS = {"obs_dim": 6, "action_dim": 2, "hidden_dim": 16, "depth": 1, "layer_norm": True, "action_scale": 0.1}
 
 
@@ -99,7 +106,7 @@ class Learner:
 def sim_robot(pointmass_base):
     base, _ = pointmass_base
     spec = RobotActorSpec(task="pointmass", base=str(base), actor_kwargs=ACTOR_KWARGS, control_rate=RATE,
-                          exploration_noise=0.0, outbox_rows=OUTBOX_ROWS, stats_window=40,
+                          exploration_noise=0.0, outbox_rows=OUTBOX_ROWS, stats_window=40, learner_lease_s=LEASE_S,
                           overrides={"horizon": 20})   # short episodes: time-limit cuts and resets within the tests
     # a generous start timeout: a loaded test machine can take minutes to import torch in a new worker
     learner = Learner(RobotActorLink.start(spec, name=SIM_NAME, namespace=NAMESPACE, start_timeout_s=600))
@@ -193,6 +200,83 @@ def test_a_new_learner_attaches_by_name_and_gets_only_new_rows(sim_robot):
     assert set(np.concatenate([b.version for b in batches]).tolist()) == {30}
     np.testing.assert_allclose(joined(batches, 1), acted_by(weights, joined(batches, 0)), atol=1e-6)
     publish_and_wait(new, 31, random_actor(5))   # the new learner's weights reach it too
+
+
+def test_a_second_learner_is_refused_while_the_first_holds_the_actor_unless_it_takes_it_over(sim_robot):
+    first = sim_robot.link
+    assert first.stats().learner == first.learner_label
+    with pytest.raises(RobotActorError, match=rf"robot actor '{SIM_NAME}' .* is in use by another learner "
+                                              rf"\({re.escape(first.learner_label)}, heard from .* s ago\)") as refused:
+        RobotActorLink.attach(SIM_NAME, NAMESPACE)
+    assert f"{LEASE_S:g} s" in str(refused.value) and "--robot_actor_takeover" in str(refused.value)
+    # the refused learner took nothing over: the first one's weights still reach the actor and it still drains
+    publish_and_wait(first, 40, random_actor(7))
+    assert first.stats().learner == first.learner_label
+    # a takeover on purpose: the second learner gets the actor, the first is told so on its next drain
+    second = RobotActorLink.attach(SIM_NAME, NAMESPACE, takeover=True)
+    with pytest.raises(RobotActorError, match="was taken over by another learner"):
+        first.drain()
+    first.detach()   # lets go of nothing: the second learner holds the actor now
+    sim_robot.link = second
+    assert second.stats().learner == second.learner_label
+    publish_and_wait(second, 41, random_actor(8))
+
+
+LEARNER_THAT_DIES = """
+import sys, time
+import ray
+from robofinetune.distributed.robot_actor import RobotActorLink
+ray.init(address=sys.argv[1], log_to_driver=False)
+link = RobotActorLink.attach(sys.argv[2], sys.argv[3])
+print("attached", link.learner_label, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_learner_that_died_without_detaching_counts_as_gone_once_its_lease_runs_out(sim_robot):
+    sim_robot.link.detach()
+    # a learner in a process of its own, killed (SIGKILL): it never detaches, its heartbeats just stop
+    learner = subprocess.Popen([sys.executable, "-c", LEARNER_THAT_DIES, ray.get_runtime_context().gcs_address,
+                                SIM_NAME, NAMESPACE], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = learner.stdout.readline()
+        assert line.startswith("attached "), line
+        label = line.split(" ", 1)[1].strip()
+    finally:
+        learner.kill()
+        learner.wait(30)
+    assert sim_robot.link.stats().learner == label   # the dead learner still holds the actor ...
+    with pytest.raises(RobotActorError, match="is in use by another learner"):
+        RobotActorLink.attach(SIM_NAME, NAMESPACE)
+    # ... until it has not been heard from for the lease
+    wait_for(lambda: sim_robot.link.stats().learner_heard_s > LEASE_S, 2 * LEASE_S, "the dead learner's lease")
+    new = sim_robot.link = RobotActorLink.attach(SIM_NAME, NAMESPACE)
+    assert new.stats().learner == new.learner_label and new.stats().running
+    publish_and_wait(new, 42, random_actor(9))
+
+
+def test_the_robot_actor_command_shows_its_stats_and_stops_it(sim_robot, capsys):
+    from robofinetune.cli import main
+
+    where = [f"--name={SIM_NAME}", f"--namespace={NAMESPACE}"]
+    assert main(["robot-actor", "status", *where, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["running"] and shown["steps"] > 0 and shown["target_rate_hz"] == RATE
+    assert shown["learner"] == sim_robot.link.learner_label and not shown["stop_requested"]
+    assert main(["robot-actor", "status", *where]) == 0
+    text = capsys.readouterr().out
+    assert f"robot actor '{SIM_NAME}': running" in text and sim_robot.link.learner_label in text
+    # status attached nothing: the learner still holds the actor, its weights still reach it
+    publish_and_wait(sim_robot.link, 50, random_actor(10))
+    assert main(["robot-actor", "stop", *where]) == 0
+    assert f"stopped the robot actor '{SIM_NAME}'" in capsys.readouterr().out
+    with pytest.raises(RobotActorError, match="no robot actor named"):
+        RobotActorLink.attach(SIM_NAME, NAMESPACE)
+    with pytest.raises(RobotActorError, match="is gone"):
+        sim_robot.link.drain()   # the learner that was attached is told, not left waiting
+    assert main(["robot-actor", "status", *where]) == 2
+    assert "no robot actor named" in capsys.readouterr().err
 
 
 def test_a_robot_yaml_without_a_control_rate_is_refused(tmp_path):

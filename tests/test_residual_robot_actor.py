@@ -319,3 +319,71 @@ def test_the_robot_actor_takes_the_operators_teleop_over_ros_and_the_learner_sto
     online.load(run.checkpoints / "latest" / "online.npz")
     np.testing.assert_array_equal(online.is_intervention[:120], flagged)
     np.testing.assert_array_equal(online.action[:120], rows[1])
+
+
+@pytest.mark.ros
+@pytest.mark.skipif(not ros_available(), reason="ROS 1 is not installed (scripts/ci_ros.sh install)")
+@pytest.mark.parametrize("keep_running", [False, True], ids=["actor-stopped", "actor-kept"])
+def test_the_operators_stop_at_the_robot_ends_the_run_as_in_process(pointmass_base, tmp_path, monkeypatch, capsys,
+                                                                      keep_running):
+    """teleop='ros-topic' with robot_actor, on the lockstep MuJoCo twin over a real roscore: the operator's stop (the
+    twin plays the operator and sends `stop` on the ROS teleop event topic, the device boundary, with observation
+    STOP_AT of the first episode) ends the actor's loop after that step; the learner stores every row acted before it,
+    checkpoints, writes its summary and stops the actor, or with robot_actor_keep_running leaves it (its loop ended)
+    for `robofinetune robot-actor stop`, and a new learner is not attached to it."""
+    import dataclasses
+    import os
+
+    from robofinetune.cli import main
+    from robofinetune.distributed.robot_actor import RobotActorError
+    from robofinetune.robot.roscore import session_master
+    from test_interventions_ros import EVENT_LATENESS, robot_yaml
+    from test_robot_ros import Twin
+
+    stop_at = 30
+    session_master()
+    ros_environment = {key: os.environ[key] for key in ("ROS_MASTER_URI", "ROS_IP", "ROS_HOME", "ROS_LOG_DIR")
+                       if key in os.environ}
+    start = RobotActorLink.start.__func__
+    monkeypatch.setattr(RobotActorLink, "start", classmethod(
+        lambda cls, spec, **kwargs: start(cls, dataclasses.replace(spec, environment=ros_environment), **kwargs)))
+    base, demos = pointmass_base
+    robot = robot_yaml(tmp_path)   # the lockstep twin at 100 Hz
+    name = "residual-test-operator-stop"
+    config = robot_config(base, demos, task=str(robot), robot_actor_name=name, teleop="ros-topic",
+                          robot_control_rate=0.0, total_env_steps=300, warmup_steps=20, log_every=40,
+                          eval_every=10**6, checkpoint_every=10**6, robot_actor_keep_running=keep_running)
+    run = Run.create("residual", "pointmass", config, root=tmp_path / "runs")
+    spy = Spy(monkeypatch)
+    try:
+        with Twin(robot, "--expert-teleop", "--operator-stop", str(stop_at)):
+            summary = train(config, run)
+            if keep_running:
+                left = actor_stats(name)
+                # a new learner is refused: the loop the operator stopped does not restart
+                again = Run.create("residual", "pointmass", config, root=tmp_path / "again")
+                with pytest.raises(RobotActorError, match="stopped by its operator at the robot"):
+                    train(config, again)
+    finally:
+        if not keep_running:
+            kill_if_running(name)
+    # every row the actor acted, from its first step to the one the stop came with (or up to EVENT_LATENESS later)
+    steps = summary["env_steps"]
+    assert summary["stopped_by_operator"] and stop_at + 1 <= steps <= stop_at + 1 + EVENT_LATENESS < 300
+    np.testing.assert_array_equal(spy.seq(), np.arange(steps))
+    # checkpointed at the stop (checkpoint_every is out of reach), summary and policy written as at the end
+    assert spy.checkpoints[0] == (steps, steps)
+    assert summary == json.loads((run.path / "summary.json").read_text()) and (run.path / "policy").is_dir()
+    if not keep_running:
+        assert spy.final_stats.stop_requested and not spy.final_stats.running and spy.final_stats.steps == steps
+        with pytest.raises(ValueError):
+            ray.get_actor(name, namespace=DEFAULT_NAMESPACE)
+        return
+    assert spy.final_stats is None and summary["robot_actor_left_running"]
+    assert left.stop_requested and not left.running and left.error is None and left.learner is None
+    capsys.readouterr()
+    assert main(["robot-actor", "status", f"--name={name}"]) == 0
+    assert "stopped by its operator at the robot" in capsys.readouterr().out
+    assert main(["robot-actor", "stop", f"--name={name}"]) == 0
+    with pytest.raises(ValueError):
+        ray.get_actor(name, namespace=DEFAULT_NAMESPACE)

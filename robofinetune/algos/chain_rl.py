@@ -54,6 +54,8 @@ class ChainRLConfig:
     seed: int = 0
     total_env_steps: int = 300_000
     num_envs: int = 2                  # env processes; critic updates overlap their stepping
+    num_env_workers: int = 0           # > 0: the envs run in this many Ray actors (robofinetune/distributed); 0: local
+    ray_address: str = ""              # with num_env_workers: "" starts a local Ray, "auto" / "ray://host:port" joins one
     # --- the denoising chain -------------------------------------------------------------------------------
     # K = 10 (OGPO's flow preset): every actor update costs B*G*K denoiser passes, so K is the first knob on
     # a CPU. act() (eval, deploy) is switched to the same K, so the trained chain is the deployed chain.
@@ -464,6 +466,9 @@ class ChunkTransition:
     next_obs: np.ndarray | None = None
     terminated: bool = False   # success: no bootstrap
     truncated: bool = False    # time limit: bootstrap from next_obs, the episode's last history
+    # Ray env workers only: the worker died during the chunk's last step, so that step never happened and the episode
+    # was cut (truncated, next_obs from the last delivered observation; robofinetune/distributed/ray_envs.py)
+    aborted: bool = False
 
 
 class ChunkedActor:
@@ -472,7 +477,8 @@ class ChunkedActor:
 
     Each env keeps its own history (padded with the episode's first frame, as ``GenerativePolicy`` does) and
     queue; envs that need a chunk on the same step are sampled as one batch. A chunk is abandoned when its
-    episode ends; its transition then ends there.
+    episode ends; its transition then ends there. An episode a dead Ray env worker cut short ends in a transition
+    marked ``aborted`` and is not handed back as an Episode: it is neither a success nor a failure.
     """
 
     def __init__(self, rollout: VectorRollout, policy: GenerativePolicy, chain_steps: int, gamma: float,
@@ -553,13 +559,17 @@ class ChunkedActor:
             frame = self._frame(step.next_obs, index)
             if step.done[index]:
                 next_history = np.concatenate([*list(self.histories[index])[1:], frame])
-                chunks.append(self._finish(index, next_history, bool(step.terminated[index]),
-                                           bool(step.truncated[index] and not step.terminated[index])))
-                observations = {key: np.stack([obs[key] for obs in self.episode_obs[index]]) for key in self.obs_keys}
-                final = {key: np.asarray(step.next_obs[key][index]) for key in self.obs_keys}
-                episodes.append(Episode(observations, np.stack(self.episode_actions[index]),
-                                        success=bool(outcomes[index].success) if index in outcomes else False,
-                                        final_observation=final))
+                chunk = self._finish(index, next_history, bool(step.terminated[index]),
+                                     bool(step.truncated[index] and not step.terminated[index]))
+                chunk.aborted = step.aborted is not None and bool(step.aborted[index])
+                chunks.append(chunk)
+                if not chunk.aborted:
+                    observations = {key: np.stack([obs[key] for obs in self.episode_obs[index]])
+                                    for key in self.obs_keys}
+                    final = {key: np.asarray(step.next_obs[key][index]) for key in self.obs_keys}
+                    episodes.append(Episode(observations, np.stack(self.episode_actions[index]),
+                                            success=bool(outcomes[index].success) if index in outcomes else False,
+                                            final_observation=final))
                 self._start_episode(index)
             else:
                 self.histories[index].append(frame)

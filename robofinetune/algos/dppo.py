@@ -37,7 +37,9 @@ from robofinetune.runs import Run
 class DPPOSettings:
     """Fields of the on-policy mode (``--mode=dppo``); set them as ``--dppo.<field>=value``.
 
-    DPPO's can preset: 50 envs x 300 chunk steps (60k env steps) per iteration, 10 epochs, minibatch 7500,
+    DPPO's can preset: 50 envs x 300 chunk steps (60k env steps) per iteration, 10 epochs, batch_size 7500
+    denoising transitions ((chunk, k) pairs drawn at random: 20 gradient steps an epoch; here ``minibatch`` 750
+    whole chains, the same transitions a step and steps an epoch),
     clip 0.01 (0.001 at the first fine-tuned step), gamma 0.999 per chunk, GAE 0.95, denoising discount 0.99,
     std floor 0.1, DDPM-20 with the last 10 steps fine-tuned, running reward scaling, target KL 1, two
     value-only iterations (``configs/ogpo/can_dppo.yaml``). The defaults here are the CPU settings used before.
@@ -45,7 +47,7 @@ class DPPOSettings:
 
     steps_per_iteration: int = 4_000   # env steps collected (all envs) before each PPO update
     epochs: int = 5
-    minibatch: int = 256               # chunk transitions per gradient step
+    minibatch: int = 256               # chains (chunk transitions, all their fine-tuned steps) per gradient step
     actor_lr: float = 3e-5
     clip_ratio: float = 0.01
     # DPPO's clip schedule over the fine-tuned transitions: clip_ratio_base at the first, rising as
@@ -254,6 +256,8 @@ def run_dppo(config: ChainRLConfig, learner: DPPOLearner, actor: ChunkedActor, l
         collected, checkpoint_due, log_due = 0, False, False
         while collected < settings.steps_per_iteration and not loop.finished:
             step, chunks, episodes = actor.step()
+            # an aborted chunk (its Ray env worker died) is kept: truncated, it ends its env's sequence as a time
+            # limit does, so GAE does not run on into the next episode; it bootstraps from the last real observation
             for chunk in chunks:
                 sequences[chunk.env_index].append(chunk)
             if config.bc_online_successes:

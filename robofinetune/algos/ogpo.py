@@ -482,6 +482,13 @@ def _check_config(config: OGPOConfig) -> None:
                           f"n_step 1 (got n_step {config.n_step}); set --next_action_cache=false for n-step targets")
     if config.dppo.steps_per_iteration < config.num_envs:
         raise ConfigError("config field 'dppo.steps_per_iteration' must be >= num_envs")
+    if config.num_env_workers < 0:
+        raise ConfigError(f"config field 'num_env_workers' must be >= 0 (0 = local env processes), "
+                          f"got {config.num_env_workers}")
+    if config.num_env_workers > 0:
+        from robofinetune.distributed.ray_envs import check_env_workers
+
+        check_env_workers(config.num_envs, config.num_env_workers, 200_000 + 1_000 * config.seed)
     resolve_chain_device(config.device)   # names a bad device (or a CUDA one this machine lacks) before any loading
     chain_of(config, max(config.chain_steps, 1))   # names a bad chain_noise / chain_score_drift
 
@@ -573,12 +580,17 @@ def train(config: OGPOConfig, run: Run, resume: bool = False) -> dict[str, Any]:
         if gate is not None:
             gate.consider(policy, loop.env_steps, metadata)
 
-    envs = make_vector_env(config.task, num_envs=config.num_envs, seed=200_000 + 1_000 * config.seed)
+    env_seed = 200_000 + 1_000 * config.seed
+    if config.num_env_workers > 0:   # the same envs and seeds, in Ray actors; the policy stays here
+        envs = make_vector_env(config.task, num_envs=config.num_envs, seed=env_seed, backend="ray",
+                               num_workers=config.num_env_workers, ray_address=config.ray_address or None)
+    else:
+        envs = make_vector_env(config.task, num_envs=config.num_envs, seed=env_seed)
     rewards = (config.reward_scale, config.reward_offset) if config.mode == "ogpo" else (1.0, 0.0)
     actor = ChunkedActor(VectorRollout(envs), policy, chain_steps, config.gamma, chain, *rewards,
                          generator=learner.sampling_generator)
     try:
-        actor.reset(seed=200_000 + 1_000 * config.seed + loop.env_steps)
+        actor.reset(seed=env_seed + loop.env_steps)
         loop.start()
         if config.mode == "ogpo":
             run_ogpo(config, learner, actor, loop, run, buffers, caches, success, gamma_chunk, save_checkpoint,
@@ -664,8 +676,9 @@ def run_ogpo(config: OGPOConfig, learner: OGPOLearner, actor: ChunkedActor, loop
         refresh_rows = int(refresh_debt)
         refresh_debt -= refresh_rows
         step, chunks, episodes = actor.step(while_waiting=lambda: learn_while_envs_step(count, refresh_rows))
-        if chunks:
-            add(online, "online", chunks)
+        real = [chunk for chunk in chunks if not chunk.aborted]   # an aborted chunk's last step never happened
+        if real:
+            add(online, "online", real)
         if success_rows is not None:
             won = successful.add(chunks)
             if won:

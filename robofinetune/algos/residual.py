@@ -115,6 +115,8 @@ class ResidualConfig:
     robot_resource: str = ""          # a Ray custom resource the actor needs (e.g. "robot", the robot PC's); "" = any
     robot_control_rate: float = 0.0   # Hz; 0 = the robot YAML's control_rate (a simulated task: its control_freq)
     robot_actor_keep_running: bool = False   # at the end of the budget leave the actor acting (detach), not stop it
+    # attach even while another learner holds the actor (one learner at a time; that learner's next drain is refused)
+    robot_actor_takeover: bool = False
     # residual actor. ResFiT: action_scale 0.1, exploration std 0.05, zero-initialised last layer.
     action_scale: float = 0.1
     actor_hidden_dim: int = 256
@@ -596,8 +598,20 @@ def connect_robot_actor(config: ResidualConfig, actor_kwargs: dict[str, Any], fe
             raise RobotActorError(f"the robot actor {name!r} runs another policy or intervener than this run "
                                   f"({different} differ): stop it, or name another actor (config field "
                                   f"'robot_actor_name')")
-        link = RobotActorLink.attach(name, weights_every=config.weights_every, ray_address=address)
-        print(f"attached to the running robot actor {name!r} ({link.stats().steps} steps so far)", flush=True)
+        # a learner that died without letting go (kill -9, a lost machine) holds the actor until its lease runs out:
+        # a resume right after it waits that out instead of failing (a live holder still refuses, after the wait)
+        lease_s = running.learner_lease_s
+        print(f"attaching to the running robot actor {name!r} (waiting up to {lease_s + 5:g} s if another learner "
+              f"still holds it)", flush=True)
+        link = RobotActorLink.attach(name, weights_every=config.weights_every, ray_address=address,
+                                     takeover=config.robot_actor_takeover, wait_s=lease_s + 5.0)
+        stats = link.stats()
+        if stats.stop_requested:   # its loop ended for good: there is nothing to learn from
+            link.detach()
+            raise RobotActorError(f"the robot actor {name!r} was stopped by its operator at the robot (its loop has "
+                                  f"ended): stop the actor (robofinetune robot-actor stop --name={name}) and run "
+                                  f"again to start a new one")
+        print(f"attached to the running robot actor {name!r} ({stats.steps} steps so far)", flush=True)
         return link
     if not address:
         print("robot actor in a local Ray that ends with this process: join a cluster (--ray-address=auto) for an "
@@ -806,6 +820,12 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
     robot_episodes = TrainingEpisodeSuccess()
     window = {"start": time.time(), "steps": 0}
 
+    def stopped_by_operator() -> bool:
+        """The operator's stop key: at this process's terminal, or at the robot the robot actor drives (whose
+        every row is stored by then)."""
+        return ((operator is not None and operator.stop_requested)
+                or (robot_link is not None and robot_link.stop_requested))
+
     def end_of_step(env_steps: int, finished: list) -> bool:
         """Count the step's env steps and episodes; log, evaluate and checkpoint when due. True: stop now."""
         nonlocal stats_count
@@ -848,7 +868,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 robot_episodes.log(run, loop.env_steps)
             if gate is not None:   # the gate is off-policy evaluation on logged data: no episodes, it runs here too
                 gate.consider(policy, loop.env_steps, metadata)
-        stop = operator is not None and operator.stop_requested
+        stop = stopped_by_operator()
         if loop.due(config.checkpoint_every) or loop.finished or stop:
             save_checkpoint()
         loop.end_step()
@@ -894,6 +914,9 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 # the robot actor acts at its own pace; this process stores its rows and learns. Never more rows
                 # than the budget has left: env steps counted are rows stored
                 delivered = robot_link.drain(config.total_env_steps - loop.env_steps)
+                if delivered is None and robot_link.stop_requested:
+                    end_of_step(0, [])   # the operator's stop at the robot: checkpoint and end as in-process
+                    break
                 if delivered is None:
                     time.sleep(ROBOT_DRAIN_PAUSE_S)
                     continue
@@ -977,7 +1000,10 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
                 robot_link.stop()
             else:
                 robot_link.detach()
-                print(f"the robot actor {robot_link.name!r} keeps running (namespace {robot_link.namespace!r})")
+                state = "is left with its loop stopped by the operator" if robot_link.stop_requested else \
+                    "keeps running"
+                print(f"the robot actor {robot_link.name!r} {state} (namespace {robot_link.namespace!r}; "
+                      f"`robofinetune robot-actor stop --name={robot_link.name}` ends it)")
         else:
             (rollout if rollout is not None else ray_rollout).close()
 
@@ -1015,6 +1041,7 @@ def train(config: ResidualConfig, run: Run, resume: bool = False) -> dict[str, A
         "intervention_rate_first": loop.intervention_points[0][1] if loop.intervention_points else None,
         "intervention_rate_last": loop.intervention_rate if intervening else None,
         "episodes_dataset": str(episodes_path(run.path, episodes_format)) if episodes is not None else None,
+        "stopped_by_operator": stopped_by_operator(),
     }
     if ray_rollout is not None:   # this run's part only: a resumed run's earlier parts are not counted
         overall = staleness_total.summary(reset=False)

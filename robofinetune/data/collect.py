@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from robofinetune import logs
 from robofinetune.data.episode import Episode
-from robofinetune.data.workers import default_worker_processes, ordered_results, worker_pool
+from robofinetune.data.workers import RayWorkerPool, default_worker_processes, ordered_results, worker_pool
 from robofinetune.envs import TaskSpec, load_task_spec, make_env
 from robofinetune.envs.experts import make_expert
 from robofinetune.errors import ConfigError
@@ -34,13 +34,17 @@ def collect_episodes(
     only_success: bool = False,
     progress: bool = True,
     num_envs: int = 1,
+    num_env_workers: int = 0,
+    ray_address: str = "",
 ) -> list[Episode]:
-    """Run the task's scripted expert for ``num_episodes`` episodes, in ``num_envs`` env processes.
+    """Run the task's scripted expert for ``num_episodes`` episodes, in ``num_envs`` env processes, or with
+    ``num_env_workers`` > 0 in that many Ray actors (one env each; ``ray_address`` "" starts a local Ray, "auto" or
+    "ray://host:port" joins a cluster) instead.
 
     Attempt ``k`` resets the env with seed ``seed + k`` and uses a fresh expert seeded with ``seed + k``,
     so one episode can be reproduced alone from its ``metadata["seed"]``, and ``num_envs`` changes only the
-    speed: the episodes, their order and the dataset written from them are the same for any ``num_envs``
-    (attempts are handed out in order and their results taken back in order). ``noise`` > 0 gives imperfect,
+    speed: the episodes, their order and the dataset written from them are the same for any ``num_envs`` and
+    any ``num_env_workers`` (attempts are handed out in order and their results taken back in order). ``noise`` > 0 gives imperfect,
     multi-operator-like demos (see :mod:`robofinetune.envs.experts`). With ``only_success`` failures are
     dropped and collection goes on until ``num_episodes`` successes (or gives up, with a warning, after
     ``20 * num_episodes + 20`` attempts). Robosuite episodes carry ``states`` (flattened MuJoCo state before
@@ -55,6 +59,8 @@ def collect_episodes(
         raise ConfigError(f"noise must be >= 0, got {noise}")
     if num_envs < 1:
         raise ConfigError(f"num_envs must be >= 1, got {num_envs}")
+    if num_env_workers < 0:
+        raise ConfigError(f"num_env_workers must be >= 0 (0 = local env processes), got {num_env_workers}")
     spec = load_task_spec(task)
     make_expert(spec)  # fail early, before building a slow env, when the task has no expert
     if num_episodes == 0:
@@ -63,8 +69,12 @@ def collect_episodes(
     episodes: list[Episode] = []
     successes = attempts = 0
     bar = tqdm(total=num_episodes, desc=f"collect {spec.name}", unit="ep", disable=not progress)
-    runner = _ParallelAttempts(spec, noise, seed, max_attempts, num_envs) if num_envs > 1 and num_episodes > 1 \
-        else _SerialAttempts(spec, noise, seed, max_attempts)
+    if num_env_workers > 0:
+        runner = _ParallelAttempts(spec, noise, seed, max_attempts, num_env_workers, ray_address=ray_address)
+    elif num_envs > 1 and num_episodes > 1:
+        runner = _ParallelAttempts(spec, noise, seed, max_attempts, num_envs)
+    else:
+        runner = _SerialAttempts(spec, noise, seed, max_attempts)
     try:
         for episode in runner:  # attempt 0, 1, 2, ... in order
             episode.metadata["attempt"] = attempts
@@ -107,18 +117,21 @@ class _SerialAttempts:
 
 
 class _ParallelAttempts:
-    """The same attempts, in ``num_envs`` worker processes that each keep one env.
+    """The same attempts, in ``num_envs`` workers that each keep one env: local processes, or Ray actors when
+    ``ray_address`` is given ("" for a local Ray).
 
     Attempts are submitted in order, at most two per worker ahead of the one being waited for, and yielded in
     order, so the caller sees exactly what :class:`_SerialAttempts` gives; once the caller stops, attempts not
     started are cancelled (``robofinetune.data.workers``).
     """
 
-    def __init__(self, spec: TaskSpec, noise: float, seed: int, max_attempts: int, num_envs: int) -> None:
+    def __init__(self, spec: TaskSpec, noise: float, seed: int, max_attempts: int, num_envs: int,
+                 ray_address: str | None = None) -> None:
         self.spec, self.noise, self.seed, self.max_attempts = spec, noise, seed, max_attempts
         self.num_envs = max(1, min(num_envs, max_attempts))
         self.log_settings = logs.snapshot()  # the forkserver may predate the current settings: pass them on
-        self.executor = worker_pool(self.num_envs)
+        self.executor = (worker_pool(self.num_envs) if ray_address is None
+                         else RayWorkerPool(self.num_envs, spec.name, ray_address=ray_address or None))
 
     def __iter__(self) -> Iterator[Episode]:
         return ordered_results(self.executor, self.num_envs, self.max_attempts,

@@ -52,6 +52,15 @@ def restore_worker_logs(log_settings: dict[str, str | None]) -> None:
     logs.restore(log_settings)
 
 
+def check_env_workers(num_envs: int, num_workers: int, seed: int = 0) -> None:
+    """ConfigError, naming the config field, for a split Ray env workers cannot make: each worker needs at least
+    one env, and the env seeds (``seed + i``) must be >= 0. Commands call it before loading anything slow."""
+    if not 1 <= num_workers <= num_envs:
+        raise ConfigError(f"num_env_workers must be between 1 and num_envs ({num_envs}), got {num_workers}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0 for Ray env workers, got {seed}")
+
+
 def check_cluster_cpus(ray: Any, num_workers: int, cpus_per_worker: float, kind: str = "env workers") -> None:
     """A worker Ray cannot place waits forever: refuse now, naming the config field, when the cluster lacks CPUs."""
     needed, total = num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0.0)
@@ -152,10 +161,7 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
         from robofinetune.envs import _WRAPPER_KWARGS, AUTORESET_MODE
         from robofinetune.envs.base import action_space, observation_space
 
-        if not 1 <= num_workers <= num_envs:
-            raise ConfigError(f"num_env_workers must be between 1 and num_envs ({num_envs}), got {num_workers}")
-        if seed < 0:
-            raise ConfigError(f"seed must be >= 0 for Ray env workers, got {seed}")
+        check_env_workers(num_envs, num_workers, seed)
         overrides = dict(overrides or {})
         task_overrides = {key: value for key, value in overrides.items() if key not in _WRAPPER_KWARGS}
         spec_here = spec.replace(**task_overrides) if task_overrides else spec

@@ -34,6 +34,22 @@ Every row carries a sequence number; a batch whose first row does not follow the
 (rows dropped, the loop restarted its episode, another learner drained in between) says so, so the learner ends
 its replay chain there instead of joining unrelated steps into one n-step return.
 
+One learner at a time. Two learners on one actor would each take the weights over from the other, so an attach
+is refused while another learner holds the actor. A learner holds it from its attach until it detaches (a learner
+that fails or is interrupted detaches on its way out) or until it has not been heard from for ``learner_lease_s``
+(default 30 s): its link sends a heartbeat every quarter of that and every drain counts too, so a learner busy
+learning or checkpointing keeps it, and one whose process or machine died without detaching counts as gone once
+the lease runs out (a ``--resume`` right after such a crash is refused for at most that long). ``takeover=True``
+attaches anyway; the learner that held the actor is refused on its next drain. :class:`RobotActorHandle` (and
+``robofinetune robot-actor status|stop --name=NAME``) reads the stats or stops the actor without attaching.
+
+The operator's stop. A teleop operator's stop key (or e-stop) at the robot ends the actor's loop after that step,
+as it ends an in-process run: the robot holds (a realtime one is sent its hold command), the stats say
+``stop_requested``, and a learner's drain, once it has taken every row acted before the stop, sets
+:attr:`RobotActorLink.stop_requested` instead of failing, so ``train residual`` ends the run as an in-process stop
+does (checkpoint, summary, the actor stopped unless ``robot_actor_keep_running``). The loop does not start again:
+stop the actor (``robofinetune robot-actor stop``) and start a new run.
+
 Placement: on the robot's computer, not wherever Ray finds a free CPU. Start the cluster with a custom resource
 on the robot PC and ask for it::
 
@@ -49,7 +65,7 @@ copy the head's ``~/.ray/auth_token`` to the robot PC and set ``RAY_AUTH_MODE=to
 
 Stats (:meth:`RobotActorLink.stats`, :class:`RobotActorStats`): steps, the achieved rate and loop period
 percentiles over the last ``stats_window`` steps, the weights version in use and its age, rows waiting,
-delivered and dropped.
+delivered and dropped, the attached learner and when it was last heard from, and whether the operator stopped it.
 
 Wiring into ``train residual``: ``--robot-actor``::
 
@@ -62,10 +78,11 @@ base, actor shape, features, noise, warm-up and seed the in-process loop would u
 stores its workers' batches and learns, ``updates_per_step`` per row, each row one env step; the actor gets the
 weights every ``weights_every`` updates. A learner that fails or is interrupted leaves the actor acting with its
 last weights; ``--resume=<run>`` reattaches by name and gets the rows acted meanwhile (a resumed learner's update
-count can be below the version the actor acts with: their staleness counts as 0). At the end of the budget the
-actor stops (``robot_actor_keep_running`` detaches instead). No evaluation runs: evaluation episodes on the task
-would open a second connection to the robot the actor drives, so the run logs the actor's own training episodes
-(``train/episode_success``, exploration noise included) every ``eval_every`` env steps, summary.json keeps
+count can be below the version the actor acts with: their staleness counts as 0). At the end of the budget, or
+when the operator stops the loop at the robot, the actor stops (``robot_actor_keep_running`` detaches instead).
+``robot_actor_takeover`` attaches while another learner holds the actor. No evaluation runs: evaluation episodes
+on the task would open a second connection to the robot the actor drives, so the run logs the actor's own training
+episodes (``train/episode_success``, exploration noise included) every ``eval_every`` env steps, summary.json keeps
 ``base_success``/``final_success`` null and says why (evaluate with ``robofinetune deploy``); ``--gate``, an
 off-policy evaluation on logged data, runs as usual. ``intervener``/``teleop`` (and the scripted intervener's
 settings) go to the actor, whose loop runs the takeovers; the learner stores the flagged rows and logs the
@@ -77,6 +94,7 @@ with ``rollout_in_workers``, ``num_env_workers``, ``episodes_format`` or more th
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import uuid
@@ -107,6 +125,14 @@ class RobotActorError(RobofinetuneError):
     """The robot actor could not be started, found, or reached, or its control loop stopped on an error."""
 
 
+class RobotActorInUse(RobotActorError):
+    """Another learner holds the robot actor (one learner at a time); ``lease_s``: how long a silent holder keeps it."""
+
+    def __init__(self, message: str, lease_s: float) -> None:
+        super().__init__(message)
+        self.lease_s = lease_s
+
+
 @dataclass
 class RobotActorSpec:
     """What the robot actor runs. ``task``: a robot YAML (``real_robot/<robot>.yaml``: a ``RobotEnv``) or any
@@ -125,7 +151,8 @@ class RobotActorSpec:
     :class:`~robofinetune.rl.interventions.ScriptedInterventionConfig` ({}: its defaults); ``"none"``: no one.
     ``overrides``: ``make_env``'s (a robot YAML's dotted fields, or a sim task's, e.g. ``horizon``).
     ``environment``: variables set in the actor's process before the env starts (``ROS_MASTER_URI``, ``ROS_IP``
-    when the Ray node was started without them).
+    when the Ray node was started without them). ``learner_lease_s``: an attached learner not heard from for this
+    long counts as gone, and another may attach (module docstring).
     """
 
     task: str
@@ -145,6 +172,7 @@ class RobotActorSpec:
     scripted: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    learner_lease_s: float = 30.0
 
     def check(self) -> RobotActorSpec:
         if self.control_rate is not None and not self.control_rate > 0:
@@ -152,8 +180,8 @@ class RobotActorSpec:
         for name in ("outbox_rows", "stats_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"robot actor: {name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.weights_poll_s <= 0:
-            raise ConfigError("robot actor: warmup_steps must be >= 0 and weights_poll_s > 0")
+        if self.warmup_steps < 0 or self.weights_poll_s <= 0 or self.learner_lease_s <= 0:
+            raise ConfigError("robot actor: warmup_steps must be >= 0, weights_poll_s and learner_lease_s > 0")
         from robofinetune.rl.interventions import INTERVENERS, ScriptedInterventionConfig
 
         if self.intervener not in INTERVENERS:
@@ -201,6 +229,10 @@ class RobotActorStats:
     aborted_steps: int              # steps the robot aborted (no fresh observations): no rows
     incarnation: str
     pid: int
+    # defaults: stats from an actor started before these fields existed
+    stop_requested: bool = False    # the operator asked to stop at the robot: the loop ended, the robot holds
+    learner: str | None = None      # the attached learner (host, process id); None: none holds the actor
+    learner_heard_s: float | None = None   # seconds since the attached learner was last heard from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,6 +326,12 @@ class RobotActor:
         self.error: str | None = None
         self.robot_error: str | None = None
         self.weights_error: str | None = None
+        self.stop_requested = False   # the operator's stop at the robot ended the loop
+        # the attached learner: its link's id, where it runs, and when it was last heard from (time.monotonic)
+        self._learner: str | None = None
+        self._learner_label: str | None = None
+        self._learner_heard = 0.0
+        self._learner_lock = threading.Lock()
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run_loop, name="robot-control-loop", daemon=True)
         self._fetcher = threading.Thread(target=self._fetch_weights, name="robot-weights", daemon=True)
@@ -312,16 +350,46 @@ class RobotActor:
         """The spec this actor was started with (paths as the learner that started it resolved them)."""
         return self.spec
 
-    def subscribe(self, weight_store: Any) -> None:
-        """Take weights from this store from now on (a learner that attached): the loop keeps its current weights
-        until the new learner publishes."""
-        with self._subscriber_lock:
-            self._subscriber = WeightSubscriber(weight_store)
+    def subscribe(self, weight_store: Any, learner: str, label: str, takeover: bool = False) -> dict[str, Any]:
+        """Attach the learner ``learner`` (its link's id; ``label`` says where it runs): take weights from its
+        store from now on, the loop keeping its current weights until it publishes. Refused while another learner
+        holds the actor (attached, not detached, heard from within ``learner_lease_s``) unless ``takeover``.
+        Returns ``refused`` (None, or the holder's ``learner`` label and ``heard_s``) and ``lease_s``."""
+        with self._learner_lock:
+            holder_heard_s = time.monotonic() - self._learner_heard
+            if (self._learner not in (None, learner) and holder_heard_s < self.spec.learner_lease_s
+                    and not takeover):
+                return {"refused": {"learner": self._learner_label, "heard_s": holder_heard_s},
+                        "lease_s": self.spec.learner_lease_s}
+            self._learner, self._learner_label, self._learner_heard = learner, label, time.monotonic()
+            with self._subscriber_lock:
+                self._subscriber = WeightSubscriber(weight_store)
+        return {"refused": None, "lease_s": self.spec.learner_lease_s}
 
-    def drain(self, max_rows: int) -> dict[str, Any] | None:
+    def heartbeat(self, learner: str) -> bool:
+        """The learner ``learner`` is alive; False when it no longer holds the actor (another took it over)."""
+        return self._heard_from(learner)
+
+    def release(self, learner: str) -> None:
+        """The learner ``learner`` detached: another may attach at once (a no-op when it no longer holds it)."""
+        with self._learner_lock:
+            if self._learner == learner:
+                self._learner, self._learner_label = None, None
+
+    def _heard_from(self, learner: str) -> bool:
+        with self._learner_lock:
+            if self._learner != learner:
+                return False
+            self._learner_heard = time.monotonic()
+            return True
+
+    def drain(self, max_rows: int, learner: str | None = None) -> dict[str, Any] | None:
         """Remove and return up to ``max_rows`` waiting rows (None when none wait): ``rows`` (the seven replay
         arrays), ``seq``, ``version``, ``finished`` (EpisodeOutcome), ``starts_chain`` (the first row follows no
-        earlier row), ``incarnation``. Never waits for the loop."""
+        earlier row), ``incarnation``. Never waits for the loop. A ``learner`` that no longer holds the actor gets
+        no rows, only ``taken_over_by`` (the holder's label, None when none holds it)."""
+        if learner is not None and not self._heard_from(learner):
+            return {"taken_over_by": self._learner_label}
         entries = self.outbox.take(max_rows)
         if not entries:
             return None
@@ -336,6 +404,9 @@ class RobotActor:
             ticks, steps, episodes = list(self._ticks), self.steps, self.episodes
         periods = np.diff(ticks) if len(ticks) > 1 else np.zeros(0)
         robot = self._robot_env()
+        with self._learner_lock:
+            learner = self._learner_label
+            learner_heard_s = None if learner is None else time.monotonic() - self._learner_heard
         return RobotActorStats(
             steps=steps, episodes=episodes, target_rate_hz=self.target_rate,
             achieved_rate_hz=float(len(periods) / periods.sum()) if periods.sum() > 0 else 0.0,
@@ -347,7 +418,8 @@ class RobotActor:
             running=self._loop.is_alive(), error=self.error, robot_error=self.robot_error,
             weights_error=self.weights_error,
             safety_interventions=robot.log.total if robot is not None else 0, aborted_steps=self.aborted_steps,
-            incarnation=self.incarnation, pid=os.getpid())
+            incarnation=self.incarnation, pid=os.getpid(), stop_requested=self.stop_requested, learner=learner,
+            learner_heard_s=learner_heard_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the loop after its current step and close the env (a robot is sent its hold command)."""
@@ -369,6 +441,15 @@ class RobotActor:
         restarts, must_start, chain_breaks = 0, True, True
         try:
             while not self._stop.is_set():
+                if self.operator is not None and self.operator.stop_requested:
+                    # the operator's stop key (or e-stop) at the robot: the run ends here, as in-process; the rows
+                    # acted up to now stay in the outbox for the learner, which ends its run once it has them
+                    self.stop_requested = True
+                    robot = self._robot_env()
+                    if robot is not None:
+                        robot.end_episode()   # a realtime robot holds instead of applying the last command
+                    print("robot actor: the operator asked to stop; the control loop ended", flush=True)
+                    break
                 try:
                     if must_start:
                         reset_seed, sampling_seed, _ = worker_seeds(self.spec.seed, self.steps, 0, restarts)
@@ -501,26 +582,81 @@ class RobotBatch(RolloutBatch):
     seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-class RobotActorLink:
+class RobotActorHandle:
+    """A running :class:`RobotActor` found by name, to read its stats or stop it. It attaches no learner: it takes
+    no weights over and drains no rows, so a shell can look at (or stop) an actor a learner uses or left running
+    (``robofinetune robot-actor status|stop``)."""
+
+    def __init__(self, actor: Any, name: str, namespace: str) -> None:
+        self._ray = import_ray()
+        self.actor, self.name, self.namespace = actor, name, namespace
+
+    @classmethod
+    def find(cls, name: str = "robot", namespace: str = DEFAULT_NAMESPACE,
+             ray_address: str | None = None) -> RobotActorHandle:
+        """The running robot actor ``name``; :class:`RobotActorError` when none runs."""
+        actor, _ = _running_actor(name, namespace, ray_address)
+        return cls(actor, name, namespace)
+
+    def stats(self) -> RobotActorStats:
+        return self._call("stats")
+
+    def stop(self) -> None:
+        """Stop the robot actor's loop (the robot holds), then end the actor."""
+        try:
+            self._ray.get(self.actor.stop.remote(), timeout=30)
+        except (self._ray.exceptions.RayError, TimeoutError):
+            pass   # dead or hung: killed below anyway
+        self._ray.kill(self.actor)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._ray.get(getattr(self.actor, method).remote(*args))
+        except self._ray.exceptions.RayActorError as error:
+            raise RobotActorError(f"robot actor {self.name!r} is gone (its process or node died; the robot's own "
+                                  f"driver decides what the robot does now): {error}") from error
+
+
+class RobotActorLink(RobotActorHandle):
     """The learner's handle on a running :class:`RobotActor`: publish weights, drain rows, read stats.
 
     :meth:`start` starts the actor (named ``name`` in ``namespace``, detached: it outlives this process);
-    :meth:`attach` finds a running one. :meth:`detach` lets go and leaves it running; :meth:`stop` ends it.
+    :meth:`attach` finds a running one. Either attaches this learner, refused while another learner holds the
+    actor (module docstring: one learner at a time) unless ``takeover``; a thread of this link sends the actor a
+    heartbeat while it is attached. :meth:`detach` lets go and leaves it running; :meth:`stop` ends it.
     ``weights_every``: :meth:`publish` sends the actor's weights every this many learner updates.
+    :attr:`stop_requested`: the operator stopped the actor's loop at the robot and every row it acted before that
+    was drained (the learner ends its run).
     """
 
-    def __init__(self, actor: Any, name: str, namespace: str, weights_every: int = 1) -> None:
-        self._ray = import_ray()
-        self.actor, self.name, self.namespace = actor, name, namespace
+    def __init__(self, actor: Any, name: str, namespace: str, weights_every: int = 1, takeover: bool = False) -> None:
+        super().__init__(actor, name, namespace)
         self.broadcaster = WeightBroadcaster(weights_every)
+        self.learner_id = uuid.uuid4().hex
+        self.learner_label = f"{socket.gethostname()} pid {os.getpid()}"
         self._last_seq: int | None = None
         self._incarnation: str | None = None
+        self.stop_requested = False
         self.closed = False
         try:
-            self._ray.get(actor.subscribe.remote(self.broadcaster.store))
+            reply = self._ray.get(actor.subscribe.remote(self.broadcaster.store, self.learner_id, self.learner_label,
+                                                         takeover))
+            if reply["refused"] is not None:
+                holder = reply["refused"]
+                raise RobotActorInUse(
+                    f"robot actor {name!r} (namespace {namespace!r}) is in use by another learner "
+                    f"({holder['learner']}, heard from {holder['heard_s']:.1f} s ago): one learner drives a robot "
+                    f"actor at a time. Stop that learner (it lets go when it ends), or, if it died without "
+                    f"letting go, attach again once it has not been heard from for {reply['lease_s']:g} s; to take "
+                    f"the actor over from a learner that is still running, attach with takeover (train residual "
+                    f"--robot_actor_takeover=true), which refuses that learner's next drain", reply["lease_s"])
         except BaseException:
             self._ray.kill(self.broadcaster.store)
             raise
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._send_heartbeats, args=(reply["lease_s"] / 4,),
+                                           name="robot-actor-heartbeat", daemon=True)
+        self._heartbeat.start()
 
     @classmethod
     def start(cls, spec: RobotActorSpec, name: str = "robot", namespace: str = DEFAULT_NAMESPACE,
@@ -554,16 +690,20 @@ class RobotActorLink:
 
     @classmethod
     def attach(cls, name: str = "robot", namespace: str = DEFAULT_NAMESPACE, weights_every: int = 1,
-               ray_address: str | None = None) -> RobotActorLink:
+               ray_address: str | None = None, takeover: bool = False, wait_s: float = 0.0) -> RobotActorLink:
         """A link to the running robot actor ``name``: it keeps acting with its last weights until this link
-        publishes, and this link drains the rows no earlier link drained."""
-        ray = import_ray()
-        init_ray(ray_address)
-        actor = _find_actor(ray, name, namespace)
-        if actor is None:
-            raise RobotActorError(f"no robot actor named {name!r} runs in namespace {namespace!r} (is this the "
-                                  f"robot's Ray cluster? `ray list actors` shows what runs there)")
-        return cls(actor, name, namespace, weights_every)
+        publishes, and this link drains the rows no earlier link drained. Refused (:class:`RobotActorInUse`)
+        while another learner holds the actor, unless ``takeover``; with ``wait_s`` > 0 it asks again until the
+        holder lets go or that long has passed (a learner that died without letting go loses its lease)."""
+        actor, _ = _running_actor(name, namespace, ray_address)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return cls(actor, name, namespace, weights_every, takeover)
+            except RobotActorInUse:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def publish(self, updates: int, module: Any, force: bool = False) -> bool:
         """Publish ``module``'s weights as version ``updates`` when ``weights_every`` updates passed since the last
@@ -575,10 +715,19 @@ class RobotActorLink:
 
     def drain(self, max_rows: int = 1024) -> RobotBatch | None:
         """The rows waiting on the robot actor (up to ``max_rows``), or None when none wait; never waits for the
-        robot. Raises :class:`RobotActorError` when the loop has stopped on an error and nothing is left."""
-        reply = self._call("drain", max_rows)
+        robot. None with :attr:`stop_requested` set: the operator stopped the loop and every row is drained.
+        Raises :class:`RobotActorError` when the loop has stopped on an error and nothing is left, or when another
+        learner took the actor over."""
+        reply = self._call("drain", max_rows, self.learner_id)
+        if reply is not None and "taken_over_by" in reply:
+            raise RobotActorError(f"robot actor {self.name!r} was taken over by another learner "
+                                  f"({reply['taken_over_by'] or 'which has let go since'}): this learner no longer "
+                                  f"drives it")
         if reply is None:
             stats = self.stats()
+            if stats.stop_requested:
+                self.stop_requested = True
+                return None
             if not stats.running:
                 raise RobotActorError(f"robot actor {self.name!r}: its control loop stopped: {stats.error}")
             return None
@@ -590,36 +739,52 @@ class RobotActorLink:
                           version=reply["version"], finished=reply["finished"],
                           dropped_envs=[] if follows else [0], seq=seq)
 
-    def stats(self) -> RobotActorStats:
-        return self._call("stats")
-
-    def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return self._ray.get(getattr(self.actor, method).remote(*args))
-        except self._ray.exceptions.RayActorError as error:
-            raise RobotActorError(f"robot actor {self.name!r} is gone (its process or node died; the robot's own "
-                                  f"driver decides what the robot does now): {error}") from error
+    def _send_heartbeats(self, every_s: float) -> None:
+        """Tell the actor this learner is alive while the main thread learns or checkpoints between drains."""
+        while not self._heartbeat_stop.wait(every_s):
+            try:
+                self._ray.get(self.actor.heartbeat.remote(self.learner_id), timeout=every_s)
+            except (self._ray.exceptions.RayError, TimeoutError):
+                pass   # the actor is gone or slow: the next drain says so
 
     def detach(self) -> None:
-        """Let go of the actor, which keeps running with the last weights it got (this link's store goes)."""
-        if not self.closed:
-            self.closed = True
-            self._ray.kill(self.broadcaster.store)
+        """Let go of the actor, which keeps running with the last weights it got (this link's store goes) and
+        takes another learner at once."""
+        self._close(release=True)
 
     def stop(self) -> None:
         """Stop the robot actor's loop (the robot holds), then end the actor."""
-        try:
-            self._ray.get(self.actor.stop.remote(), timeout=30)
-        except (self._ray.exceptions.RayError, TimeoutError):
-            pass   # dead or hung: killed below anyway
-        self._ray.kill(self.actor)
-        self.detach()
+        super().stop()
+        self._close(release=False)
+
+    def _close(self, release: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._heartbeat_stop.set()
+        if release:
+            try:
+                self._ray.get(self.actor.release.remote(self.learner_id), timeout=10)
+            except (self._ray.exceptions.RayError, TimeoutError):
+                pass   # gone or hung: the lease runs out instead
+        self._ray.kill(self.broadcaster.store)
+
+
+def _running_actor(name: str, namespace: str, ray_address: str | None) -> tuple[Any, Any]:
+    """(the running robot actor ``name``, ray); :class:`RobotActorError` when none runs."""
+    ray = import_ray()
+    init_ray(ray_address)
+    actor = _find_actor(ray, name, namespace)
+    if actor is None:
+        raise RobotActorError(f"no robot actor named {name!r} runs in namespace {namespace!r} (is this the "
+                              f"robot's Ray cluster? `ray list actors` shows what runs there)")
+    return actor, ray
 
 
 def running_spec(name: str = "robot", namespace: str = DEFAULT_NAMESPACE,
                  ray_address: str | None = None) -> RobotActorSpec | None:
-    """The spec of the running robot actor ``name`` (None when none runs), without attaching to it: attaching
-    takes its weights over from the learner that has it."""
+    """The spec of the running robot actor ``name`` (None when none runs), without attaching to it (checked
+    before attaching: a learner of another policy must not hold it, even for a moment)."""
     ray = import_ray()
     init_ray(ray_address)
     actor = _find_actor(ray, name, namespace)
