@@ -310,6 +310,10 @@ def main() -> None:
     parser.add_argument("--residual-run", type=Path,
                         help="a finished `robofinetune train residual --task=can_image` run folder: becomes "
                              "image_residual")
+    parser.add_argument("--residual-invocation", action="append", default=[], metavar="COMMAND",
+                        help="with --residual-run: a command that made the run (repeat, in order), kept in "
+                             "image_residual.invocations")
+    parser.add_argument("--residual-note", default="", help="with --residual-run: image_residual.note")
     parser.add_argument("--feature-probe", metavar="POLICY",
                         help="an image policy (e.g. policies/can/weak_image_diffusion): how well its frozen features "
                              "locate the can (held-out R^2), into image_residual.feature_probe")
@@ -365,6 +369,10 @@ def main() -> None:
             result[key] = previous[key]
     if args.residual_run is not None:
         result["image_residual"] = image_residual_summary(args.residual_run)
+        if args.residual_invocation:
+            result["image_residual"]["invocations"] = args.residual_invocation
+        if args.residual_note:
+            result["image_residual"]["note"] = args.residual_note
     elif "image_residual" in previous:
         result["image_residual"] = previous["image_residual"]
     if args.feature_probe:
