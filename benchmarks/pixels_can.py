@@ -240,6 +240,49 @@ def image_residual_summary(run_path: Path) -> dict:
             "curve": eval_curve(run_path), "seed": summary["seed"]}
 
 
+def trained_encoder_cost(policy_path: str, batch_size: int = 256, updates_per_step: float = 2.0,
+                         repeats: int = 8) -> dict:
+    """What ResFiT's other design would cost here: a critic that trains the image encoder (random-shift
+    augmentation on) instead of reading the frozen base's cached features. Per critic update the encoder runs
+    forward and backward on the batch's observations (both cameras) and forward on the next observations for the
+    target; measured on one thread (the learner's) with a copy of the base's own encoder, and projected onto the
+    measured learner of the frozen-feature run (``env_steps_per_s`` there) at ``updates_per_step``."""
+    import copy
+
+    from robofinetune.policies import load_policy
+    from robofinetune.rl.features import observation_encoder_of
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encoder = copy.deepcopy(observation_encoder_of(load_policy(policy_path, device="cpu"))).train()
+        optimizer = torch.optim.Adam(encoder.parameters(), lr=3e-4)
+        generator = torch.Generator().manual_seed(0)
+        observation = {key: (torch.randint(0, 256, (batch_size, 1, *shape), generator=generator, dtype=torch.uint8)
+                             if len(shape) == 3 else torch.randn(batch_size, 1, *shape, generator=generator))
+                       for key, shape in encoder.shapes.items()}
+        forward_backward, forward = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            loss = encoder(observation).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            forward_backward.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with torch.no_grad():
+                encoder(observation)
+            forward.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    update_s = statistics.median(forward_backward[1:]) + statistics.median(forward[1:])
+    return {"batch_size": batch_size, "cameras": sum(1 for shape in encoder.shapes.values() if len(shape) == 3),
+            "encoder_forward_backward_ms": round(1000 * statistics.median(forward_backward[1:]), 1),
+            "encoder_forward_ms": round(1000 * statistics.median(forward[1:]), 1),
+            "added_ms_per_critic_update": round(1000 * update_s, 1), "updates_per_env_step": updates_per_step,
+            "threads": 1}
+
+
 def feature_probe(policy_path: str, image_dataset: Path, state_dataset: Path, demos: int = 80,
                   train_demos: int = 55) -> dict:
     """How much of the can's position the frozen encoder features (what the image residual's actor and critic see)
@@ -317,6 +360,10 @@ def main() -> None:
     parser.add_argument("--feature-probe", metavar="POLICY",
                         help="an image policy (e.g. policies/can/weak_image_diffusion): how well its frozen features "
                              "locate the can (held-out R^2), into image_residual.feature_probe")
+    parser.add_argument("--encoder-cost", metavar="POLICY",
+                        help="an image policy: the per-update cost of training its encoder in the critic (ResFiT's "
+                             "design) on one thread, projected onto the frozen-feature run; into "
+                             "image_residual.trained_encoder_cost")
     parser.add_argument("--state-dataset", default="datasets/can_scripted_200.hdf5",
                         help="--feature-probe: the state demos --dataset was converted from")
     parser.add_argument("--summaries-only", action="store_true",
@@ -380,6 +427,17 @@ def main() -> None:
             args.feature_probe, Path(args.dataset), Path(args.state_dataset))
     elif "feature_probe" in previous.get("image_residual", {}):
         result.setdefault("image_residual", {})["feature_probe"] = previous["image_residual"]["feature_probe"]
+    if args.encoder_cost:
+        cost = trained_encoder_cost(args.encoder_cost)
+        frozen_rate = result.get("image_residual", {}).get("env_steps_per_s_median")
+        if frozen_rate:   # each env step now also pays the encoder in every one of its critic updates
+            seconds_per_step = 1 / frozen_rate + cost["updates_per_env_step"] * cost["added_ms_per_critic_update"] / 1000
+            cost["projected_env_steps_per_s"] = round(1 / seconds_per_step, 2)
+            cost["projected_hours_per_100k_env_steps"] = round(100_000 * seconds_per_step / 3600, 1)
+        result.setdefault("image_residual", {})["trained_encoder_cost"] = cost
+        print(f"trained encoder: {cost}")
+    elif "trained_encoder_cost" in previous.get("image_residual", {}):
+        result.setdefault("image_residual", {})["trained_encoder_cost"] = previous["image_residual"]["trained_encoder_cost"]
     write_result("pixels_can.json", result)
 
 
