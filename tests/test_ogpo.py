@@ -356,6 +356,19 @@ def test_actor_rounds_raise_the_terminal_reward_of_the_deployed_sampler(kind, la
     assert after > before + 0.2 * abs(before), (before, after)
 
 
+def pooled_over_seeds(summaries: list[dict]) -> tuple[float, float, float, float, int]:
+    """(base rate, pooled final success, its 95% interval, episodes) over runs whose base was evaluated on the
+    same seeded episodes (checked: one base rate)."""
+    from robofinetune.eval.stats import success_rate_ci
+
+    base_rates = {summary["base_success"] for summary in summaries}
+    assert len(base_rates) == 1, summaries               # the base is evaluated on the same seeded episodes
+    successes = sum(round(summary["final_success"] * summary["eval_episodes"]) for summary in summaries)
+    episodes = sum(summary["eval_episodes"] for summary in summaries)
+    low, high = success_rate_ci(successes, episodes)
+    return base_rates.pop(), successes / episodes, low, high, episodes
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_ogpo_does_not_degrade_a_poor_base_on_pointmass_over_three_seeds(poor_base, tmp_path):
@@ -370,7 +383,6 @@ def test_ogpo_does_not_degrade_a_poor_base_on_pointmass_over_three_seeds(poor_ba
     [53%, 68%]). The gain is claimed for issue 18's reference-style update from a flow base by
     test_reference_ogpo_improves_a_poor_flow_base_on_pointmass_over_three_seeds. 1-2 min per seed on 2 cores."""
     from robofinetune.algos.ogpo import train
-    from robofinetune.eval.stats import success_rate_ci
     from robofinetune.policies import load_policy
     from robofinetune.runs import Run
 
@@ -389,14 +401,8 @@ def test_ogpo_does_not_degrade_a_poor_base_on_pointmass_over_three_seeds(poor_ba
         assert summary["actor_rounds"] > 0 and any(
             not torch.equal(a, b) for a, b in zip(base_policy.parameters(), tuned.parameters())), summary
         summaries.append(summary)
-    base_rates = {summary["base_success"] for summary in summaries}
-    assert len(base_rates) == 1, summaries               # the base is evaluated on the same seeded episodes
-    base_rate = base_rates.pop()
+    base_rate, pooled, low, high, episodes = pooled_over_seeds(summaries)
     assert base_rate <= 0.6, summaries                   # the base really is poor
-    successes = sum(round(summary["final_success"] * summary["eval_episodes"]) for summary in summaries)
-    episodes = sum(summary["eval_episodes"] for summary in summaries)
-    pooled = successes / episodes
-    low, high = success_rate_ci(successes, episodes)
     print(f"base {base_rate:.0%}; final {[summary['final_success'] for summary in summaries]}; pooled {pooled:.1%} "
           f"[{low:.1%}, {high:.1%}] over {episodes} episodes")
     assert pooled >= base_rate, (pooled, base_rate, summaries)
@@ -459,7 +465,6 @@ def test_reference_ogpo_improves_a_poor_flow_base_on_pointmass_over_three_seeds(
     CPU (~6 min on free cores; 10.4 min at nice 19 beside a training job on 2 cores)."""
     from robofinetune.algos.ogpo import train
     from robofinetune.config import resolve_config
-    from robofinetune.eval.stats import success_rate_ci
     from robofinetune.paths import configs_dir
     from robofinetune.runs import Run
 
@@ -479,14 +484,8 @@ def test_reference_ogpo_improves_a_poor_flow_base_on_pointmass_over_three_seeds(
               f"({summary['eval_episodes']} episodes, {summary['env_steps']} env steps, {summary['actor_rounds']} "
               f"actor rounds, {summary['wall_clock_s']:.0f} s)", flush=True)
         summaries.append(summary)
-    base_rates = {summary["base_success"] for summary in summaries}
-    assert len(base_rates) == 1, summaries               # the base is evaluated on the same seeded episodes
-    base_rate = base_rates.pop()
+    base_rate, pooled, low, high, episodes = pooled_over_seeds(summaries)
     assert base_rate <= 0.5, summaries                   # the base really is poor
-    successes = sum(round(summary["final_success"] * summary["eval_episodes"]) for summary in summaries)
-    episodes = sum(summary["eval_episodes"] for summary in summaries)
-    pooled = successes / episodes
-    low, high = success_rate_ci(successes, episodes)
     improved = sum(summary["final_success"] > base_rate for summary in summaries)
     print(f"base {base_rate:.0%}; final {[summary['final_success'] for summary in summaries]}; pooled {pooled:.1%} "
           f"[{low:.1%}, {high:.1%}] over {episodes} episodes; {improved}/3 seeds above the base")

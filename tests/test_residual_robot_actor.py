@@ -254,6 +254,22 @@ def test_the_robot_actor_spec_carries_and_checks_who_may_take_over():
         RobotActorSpec(**{**spec.__dict__, "scripted": {"stall_steps": 0}}).check()
 
 
+def start_actors_beside_this_tests_roscore(monkeypatch) -> None:
+    """Start the session's roscore and hand its address to every robot actor this test starts: the Ray workers
+    started before the roscore, and a robot PC's Ray node would have it in its environment."""
+    import dataclasses
+    import os
+
+    from robofinetune.robot.roscore import session_master
+
+    session_master()
+    ros_environment = {key: os.environ[key] for key in ("ROS_MASTER_URI", "ROS_IP", "ROS_HOME", "ROS_LOG_DIR")
+                       if key in os.environ}
+    start = RobotActorLink.start.__func__
+    monkeypatch.setattr(RobotActorLink, "start", classmethod(
+        lambda cls, spec, **kwargs: start(cls, dataclasses.replace(spec, environment=ros_environment), **kwargs)))
+
+
 @pytest.mark.ros
 @pytest.mark.skipif(not ros_available(), reason="ROS 1 is not installed (scripts/ci_ros.sh install)")
 def test_the_robot_actor_takes_the_operators_teleop_over_ros_and_the_learner_stores_it(pointmass_base, tmp_path,
@@ -261,23 +277,12 @@ def test_the_robot_actor_takes_the_operators_teleop_over_ros_and_the_learner_sto
     """teleop='ros-topic' with robot_actor, on the lockstep MuJoCo twin over a real roscore: the twin's expert plays
     the operator on the ROS teleop topics (takeover at episode step 5, handback at 16); the robot actor's loop takes
     the operator's commands, and the learner stores its rows flagged with the command the safety layer sent."""
-    import dataclasses
-    import os
-
     from robofinetune.envs.experts import make_expert
-    from robofinetune.robot.roscore import session_master
     from robofinetune.rl import ReplayBuffer
     from test_interventions_ros import EVENT_LATENESS, HANDBACK, MAX_DELTA, TAKEOVER, robot_yaml
     from test_robot_ros import Twin
 
-    session_master()
-    # the Ray workers started before this test's roscore: the actor gets its address, as a robot PC's Ray node would
-    # have it in its environment
-    ros_environment = {key: os.environ[key] for key in ("ROS_MASTER_URI", "ROS_IP", "ROS_HOME", "ROS_LOG_DIR")
-                       if key in os.environ}
-    start = RobotActorLink.start.__func__
-    monkeypatch.setattr(RobotActorLink, "start", classmethod(
-        lambda cls, spec, **kwargs: start(cls, dataclasses.replace(spec, environment=ros_environment), **kwargs)))
+    start_actors_beside_this_tests_roscore(monkeypatch)
     base, demos = pointmass_base
     robot = robot_yaml(tmp_path)   # the lockstep twin at 100 Hz, a per-step delta limit of MAX_DELTA
     name = "residual-test-teleop"
@@ -331,22 +336,13 @@ def test_the_operators_stop_at_the_robot_ends_the_run_as_in_process(pointmass_ba
     STOP_AT of the first episode) ends the actor's loop after that step; the learner stores every row acted before it,
     checkpoints, writes its summary and stops the actor, or with robot_actor_keep_running leaves it (its loop ended)
     for `robofinetune robot-actor stop`, and a new learner is not attached to it."""
-    import dataclasses
-    import os
-
     from robofinetune.cli import main
     from robofinetune.distributed.robot_actor import RobotActorError
-    from robofinetune.robot.roscore import session_master
     from test_interventions_ros import EVENT_LATENESS, robot_yaml
     from test_robot_ros import Twin
 
     stop_at = 30
-    session_master()
-    ros_environment = {key: os.environ[key] for key in ("ROS_MASTER_URI", "ROS_IP", "ROS_HOME", "ROS_LOG_DIR")
-                       if key in os.environ}
-    start = RobotActorLink.start.__func__
-    monkeypatch.setattr(RobotActorLink, "start", classmethod(
-        lambda cls, spec, **kwargs: start(cls, dataclasses.replace(spec, environment=ros_environment), **kwargs)))
+    start_actors_beside_this_tests_roscore(monkeypatch)
     base, demos = pointmass_base
     robot = robot_yaml(tmp_path)   # the lockstep twin at 100 Hz
     name = "residual-test-operator-stop"
