@@ -250,18 +250,22 @@ def test_chunked_actor_cuts_the_stream_into_chunk_transitions():
 @pytest.fixture(scope="module")
 def poor_base(tmp_path_factory):
     """A deliberately under-trained diffusion policy from 10 demos (40-55% success on pointmass)."""
+    return under_trained_pointmass_policy(tmp_path_factory.mktemp("ogpo_base"), "diffusion", 300, 100)
+
+
+def under_trained_pointmass_policy(folder, policy: str, max_steps: int, warmup_steps: int):
+    """(policy path, demos): ``policy`` BC for ``max_steps`` on 10 scripted pointmass demos (seed 1), BC seed 0."""
     from robofinetune.algos.bc import BCConfig, train_bc
     from robofinetune.data.collect import collect_episodes
     from robofinetune.data.io import save_dataset
     from robofinetune.runs import Run
 
-    folder = tmp_path_factory.mktemp("ogpo_base")
     demos = folder / "demos.hdf5"
     save_dataset(collect_episodes("pointmass", 10, source="scripted", seed=1), demos,
                  env_meta={"env_name": "pointmass", "task": "pointmass"})
-    config = BCConfig(task="pointmass", policy="diffusion", dataset=str(demos), max_steps=300, batch_size=128,
+    config = BCConfig(task="pointmass", policy=policy, dataset=str(demos), max_steps=max_steps, batch_size=128,
                       hidden_dim=128, depth=2, n_obs_steps=1, horizon=4, n_action_steps=2, eval_episodes=0,
-                      warmup_steps=100, checkpoint_every=10_000, learning_rate=1e-3, seed=0)
+                      warmup_steps=warmup_steps, checkpoint_every=10_000, learning_rate=1e-3, seed=0)
     summary = train_bc(config, Run.create("bc", "pointmass", config, root=folder / "runs"), progress=False)
     return summary["policy_path"], demos
 
@@ -431,19 +435,7 @@ def poor_flow_base(tmp_path_factory):
     """A deliberately under-trained flow policy: the flow recipe of benchmarks/ogpo_can.py's make_poor_bases (BC for
     180 steps on the same 10 scripted demos; ~30% success on pointmass), the base benchmarks/ogpo_pointmass.py
     fine-tunes. Flow, because the reference preset's tapered chain noise needs a flow base."""
-    from robofinetune.algos.bc import BCConfig, train_bc
-    from robofinetune.data.collect import collect_episodes
-    from robofinetune.data.io import save_dataset
-    from robofinetune.runs import Run
-
-    folder = tmp_path_factory.mktemp("ogpo_flow_base")
-    demos = folder / "demos.hdf5"
-    save_dataset(collect_episodes("pointmass", 10, source="scripted", seed=1), demos,
-                 env_meta={"env_name": "pointmass", "task": "pointmass"})
-    config = BCConfig(task="pointmass", policy="flow", dataset=str(demos), max_steps=180, batch_size=128,
-                      hidden_dim=128, depth=2, n_obs_steps=1, horizon=4, n_action_steps=2, eval_episodes=0,
-                      warmup_steps=90, checkpoint_every=10_000, learning_rate=1e-3, seed=0)
-    return train_bc(config, Run.create("bc", "pointmass", config, root=folder / "runs"), progress=False)["policy_path"]
+    return under_trained_pointmass_policy(tmp_path_factory.mktemp("ogpo_flow_base"), "flow", 180, 90)[0]
 
 
 @pytest.mark.slow
